@@ -1,0 +1,38 @@
+/*
+ * The shape of a CLI command (one file per command in cli/commands/) and the exit codes.
+ * Arguments are parsed with node:util parseArgs, so options may come before or after the
+ * positional arguments.
+ */
+import { parseArgs, type ParseArgsConfig } from 'node:util'
+
+export const EXIT_OK = 0
+/** A failure: image cannot be opened, mount failed, I/O error. */
+export const EXIT_FAILURE = 1
+/** Bad usage: unknown option, missing argument. */
+export const EXIT_USAGE = 2
+
+export interface Command {
+  name: string
+  /** One line for the command list in `qcow2fs --help`. */
+  summary: string
+  /** Full help text printed by `qcow2fs NAME --help`. */
+  usage: string
+  /** Runs the command; resolves to the process exit code. Prints its own output. */
+  run(argv: string[]): Promise<number>
+}
+
+/** A usage error: printed as one line plus a hint to --help, exit code EXIT_USAGE. */
+export class UsageError extends Error {
+  override name = 'UsageError'
+}
+
+export type OptionSpec = NonNullable<ParseArgsConfig['options']>
+
+/** parseArgs with positionals allowed anywhere; turns its errors into UsageError. */
+export function parseCommandArgs<O extends OptionSpec>(argv: string[], options: O) {
+  try {
+    return parseArgs({ args: argv, options, allowPositionals: true, strict: true })
+  } catch (err) {
+    throw new UsageError(err instanceof Error ? err.message.split('\n')[0]! : String(err))
+  }
+}
