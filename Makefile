@@ -1,0 +1,60 @@
+# qcow2fs: build, test, demo, bench, fixtures. GNU make.
+#   make build     npm ci when node_modules is missing or older than package-lock.json, then tsc
+#   make test      installs what a fresh machine lacks, builds, runs every test (vitest)
+#   make demo      mounts the demo image and shows what fdisk, file and debugfs read from it
+#   make bench     qcow2fs against qemu-storage-daemon's FUSE export (bench/run.sh)
+#   make fixtures  recreates the committed test images (needs qemu-img, qemu-io)
+#   make clean     removes build output and scratch files
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+
+NPM ?= npm
+NPX ?= npx
+# npm ci writes this file last, so its age is the age of the installed tree.
+NODE_MODULES_STAMP := node_modules/.package-lock.json
+CLI := dist/cli/main.js
+# Tools the tests run; Debian packages that provide them.
+TEST_TOOLS := qemu-img qemu-io qemu-storage-daemon fio fusermount
+TEST_PACKAGES := qemu-utils qemu-system-common fio fuse
+
+.PHONY: build test demo bench fixtures clean system-deps
+
+$(NODE_MODULES_STAMP): package-lock.json
+	$(NPM) ci
+	@touch $@
+
+build: $(NODE_MODULES_STAMP)
+	$(NPX) tsc -p tsconfig.json
+	chmod +x $(CLI)
+
+# Installs the test tools with apt-get when one is missing and we are root; otherwise says
+# which are missing (tests that need them then skip with a reason, or fail when CI=true).
+system-deps:
+	@missing=""; \
+	for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "missing:$$missing"; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update; \
+		apt-get install -y $(TEST_PACKAGES); \
+	else \
+		echo "not root or no apt-get: install $(TEST_PACKAGES) yourself; tests that need them will skip"; \
+	fi
+
+test: system-deps build
+	$(NPX) vitest run
+
+demo: build
+	bash scripts/demo.sh
+
+bench: build
+	bash bench/run.sh
+
+fixtures:
+	bash fixtures/make-fixtures.sh
+
+clean:
+	rm -rf dist .tmp
