@@ -1,0 +1,132 @@
+/*
+ * The read path: guest bytes from the mapping runs of ClusterMapper.
+ *
+ * Design notes:
+ *  - DATA runs are read with one pread each (runs already merge host-contiguous clusters).
+ *    A run whose last (sub)cluster starts at or past the end of the data file is damage (EIO);
+ *    a run that only ends past EOF reads zeros there, as QEMU does: a partly written last
+ *    cluster is normal (subcluster writes, COW skipped over zeros).
+ *  - COMPRESSED runs inflate the whole cluster once and keep it in a small LRU keyed by the
+ *    host offset of the compressed data, so sequential small reads (4 KiB at a time) of one
+ *    compressed cluster inflate it once.
+ *  - BACKING runs read from the backing file, or zeros without one. Reads stay synchronous
+ *    down the chain.
+ *  - Reads past virtualSize are the caller's job to avoid (the FUSE adapter clamps); here they
+ *    read as unallocated.
+ */
+import { LRUCache } from 'lru-cache'
+import { CorruptImageError } from '../errors.js'
+import type { Geometry } from '../format/geometry.js'
+import { alignDown, hex } from '../format/int64.js'
+import type { BlockFile } from '../io/block-file.js'
+import type { ReadSource } from './backing.js'
+import { type ClusterMapper, RunKind } from './cluster-map.js'
+import { decompressCluster } from './codec.js'
+
+/** Decompressed clusters kept for sequential small reads: at most 8 MiB, at least 2. */
+const DECOMPRESSED_CACHE_BYTES = 8 * 1024 * 1024
+const MIN_DECOMPRESSED_CLUSTERS = 2
+
+export interface ReadPathOptions {
+  geometry: Geometry
+  mapper: ClusterMapper
+  /** The qcow2 file itself (compressed data always lives here). */
+  imageFile: BlockFile
+  /** Where DATA runs live: the image file, or the external data file. */
+  dataFile: BlockFile
+  backing?: ReadSource
+  compressionType: number
+}
+
+export class ReadPath {
+  #g: Geometry
+  #mapper: ClusterMapper
+  #imageFile: BlockFile
+  #dataFile: BlockFile
+  #backing: ReadSource | undefined
+  #compressionType: number
+  #decompressed: LRUCache<number, Uint8Array>
+  #compressedInput: Uint8Array
+
+  constructor(options: ReadPathOptions) {
+    this.#g = options.geometry
+    this.#mapper = options.mapper
+    this.#imageFile = options.imageFile
+    this.#dataFile = options.dataFile
+    this.#backing = options.backing
+    this.#compressionType = options.compressionType
+    const maxClusters = Math.max(MIN_DECOMPRESSED_CLUSTERS, Math.floor(DECOMPRESSED_CACHE_BYTES / this.#g.clusterSize))
+    this.#decompressed = new LRUCache<number, Uint8Array>({ max: maxClusters })
+    // A descriptor can name at most 2^(cluster_bits - 8) sectors: two clusters of input.
+    this.#compressedInput = new Uint8Array(2 * this.#g.clusterSize)
+  }
+
+  readSync(buf: Uint8Array, guestOffset: number): void {
+    let done = 0
+    while (done < buf.length) {
+      const run = this.#mapper.map(guestOffset + done, buf.length - done)
+      const out = buf.subarray(done, done + run.bytes)
+      switch (run.kind) {
+        case RunKind.DATA:
+          this.#readData(out, run.hostOffset)
+          break
+        case RunKind.ZERO:
+          out.fill(0)
+          break
+        case RunKind.BACKING:
+          this.#readBacking(out, guestOffset + done)
+          break
+        case RunKind.COMPRESSED: {
+          const cluster = this.#decompress(run.descriptor!.hostOffset, run.descriptor!.compressedSize)
+          out.set(cluster.subarray(run.offsetInCluster, run.offsetInCluster + run.bytes))
+          break
+        }
+      }
+      done += run.bytes
+    }
+  }
+
+  #readData(out: Uint8Array, hostOffset: number): void {
+    const file = this.#dataFile
+    const lastUnitStart = alignDown(hostOffset + out.length - 1, this.#g.subclusterSize)
+    if (lastUnitStart >= file.size) {
+      throw new CorruptImageError(`data at host offset ${hex(lastUnitStart)} lies past the end of '${file.path}'`)
+    }
+    const n = file.pread(out, hostOffset)
+    if (n < out.length) out.fill(0, n)
+  }
+
+  #readBacking(out: Uint8Array, guestOffset: number): void {
+    const backing = this.#backing
+    if (backing === undefined || guestOffset >= backing.virtualSize) {
+      out.fill(0)
+      return
+    }
+    const inside = Math.min(out.length, backing.virtualSize - guestOffset)
+    backing.readSync(out.subarray(0, inside), guestOffset)
+    if (inside < out.length) out.fill(0, inside)
+  }
+
+  #decompress(hostOffset: number, compressedSize: number): Uint8Array {
+    const cached = this.#decompressed.get(hostOffset)
+    if (cached) return cached
+    const file = this.#imageFile
+    if (hostOffset >= file.size) {
+      throw new CorruptImageError(`compressed cluster at host offset ${hex(hostOffset)} lies past the end of the image file`)
+    }
+    // The sector-rounded size may run past EOF after the last compressed cluster.
+    const input = this.#compressedInput.subarray(0, Math.min(compressedSize, file.size - hostOffset))
+    const n = file.pread(input, hostOffset)
+    const cluster = new Uint8Array(this.#g.clusterSize)
+    try {
+      decompressCluster(this.#compressionType, input.subarray(0, n), cluster)
+    } catch (err) {
+      if (err instanceof CorruptImageError) {
+        throw new CorruptImageError(`compressed cluster at host offset ${hex(hostOffset)}: ${err.message}`, { cause: err })
+      }
+      throw err
+    }
+    this.#decompressed.set(hostOffset, cluster)
+    return cluster
+  }
+}

@@ -1,0 +1,390 @@
+/*
+ * The FUSE adapter: a directory with one STEM.raw file per disk (disk.qcow2 -> disk.raw), whose
+ * bytes are the disk's guest bytes. It turns fuse-native operations into VirtualDisk calls and
+ * every failure into a negative errno (lib/fuse/errno.ts); it never throws into fuse-native,
+ * so a failing request fails alone and the mount stays up.
+ *
+ * Write support is shaped already: write -> VirtualDisk.write, fsync and a writer's flush ->
+ * VirtualDisk.flush, truncate to the disk's own size is a no-op. A read-only disk answers EROFS
+ * to write opens, writes, truncates and utimens.
+ *
+ * Concurrency: libfuse runs a thread per outstanding request (fuse_loop_mt) and fuse-native
+ * queues them all onto the JS event loop, so several reads of one disk are in flight at once.
+ * The adapter keeps no per-request state besides the handle table and the in-flight count; the
+ * disk must accept concurrent reads (VirtualDisk's contract).
+ */
+import { realpath } from 'node:fs/promises'
+import { basename, join, parse } from 'node:path'
+import type { VirtualDisk } from '../disk.js'
+import { InvalidRequestError } from '../errors.js'
+import { log } from '../log.js'
+import { errnoOf, toFuseErrno } from './errno.js'
+import { FuseSession, type FuseOperations, type FuseStat, type FuseStatfs, type KernelOptions, type OperationTimeouts } from './native.js'
+
+/*
+ * Kernel caching and request size, chosen by measurement (docs/FUSE.md has the tables).
+ * MEASUREMENT_PLACEHOLDER
+ */
+export const DEFAULT_KERNEL_TUNING: Omit<KernelOptions, 'name' | 'readOnly' | 'allowOther'> = {
+  maxReadBytes: 131072,
+  maxReadaheadBytes: 131072,
+  kernelCache: true,
+  directIo: false,
+  attrTimeoutSeconds: 60,
+  entryTimeoutSeconds: 60,
+}
+
+/*
+ * fuse-native answers ETIMEDOUT when an operation has not called back within its timeout
+ * (default 15 s). read and write get none on purpose: their buffer is libfuse memory that is
+ * freed (read) or reused for the next request (write) once a reply is sent, so answering early
+ * while the engine still fills or reads that buffer would corrupt memory. flush, fsync and
+ * release get none either: they may legitimately take long (writing metadata back), and a
+ * timeout there would tell a writer that data is durable when it is not known to be. The rest
+ * never touch a disk (attributes, directory listing, open bookkeeping): a reply missing for 30 s
+ * means a lost callback, and an error beats a hung caller.
+ */
+export const OPERATION_TIMEOUTS: OperationTimeouts = {
+  default: 30_000,
+  read: false,
+  write: false,
+  flush: false,
+  fsync: false,
+  release: false,
+  truncate: false,
+  ftruncate: false,
+}
+
+const S_IFDIR = 0o040000
+const S_IFREG = 0o100000
+const O_ACCMODE = 0o3
+const O_RDONLY = 0
+/** statvfs f_flag bit for a read-only file system. */
+const ST_RDONLY = 1
+/** st_blksize: the preferred I/O size for cp and friends; one full FUSE request. */
+const PREFERRED_IO_BYTES = 131072
+
+const ENOENT = errnoOf('ENOENT')
+const EROFS = errnoOf('EROFS')
+const EBADF = errnoOf('EBADF')
+const EISDIR = errnoOf('EISDIR')
+const ENOTDIR = errnoOf('ENOTDIR')
+const EINVAL = errnoOf('EINVAL')
+const ENOSPC = errnoOf('ENOSPC')
+
+export interface FileTimes {
+  atime: Date
+  mtime: Date
+  ctime: Date
+}
+
+/** One disk to expose. `imagePath` only names the file (its stem); it is never opened here. */
+export interface RawFileSource {
+  imagePath: string
+  disk: VirtualDisk
+  /** Times to report for the raw file; default: when the adapter was made. */
+  times?: FileTimes
+}
+
+/** disk.qcow2 -> disk.raw; the stem is the name without its last extension. */
+export function rawFileName(imagePath: string): string {
+  return `${parse(basename(imagePath)).name}.raw`
+}
+
+interface RawFile {
+  name: string
+  imagePath: string
+  disk: VirtualDisk
+  times: FileTimes
+  ino: number
+}
+
+interface OpenHandle {
+  file: RawFile
+  writable: boolean
+  /** Written through this handle since its last flush. */
+  dirty: boolean
+}
+
+export class RawFilesAdapter {
+  readonly files: readonly RawFile[]
+  private readonly byPath = new Map<string, RawFile>()
+  private readonly handles = new Map<number, OpenHandle>()
+  private nextHandle = 1
+  private inFlight = 0
+  private idleWaiters: Array<() => void> = []
+  private readonly uid = process.getuid?.() ?? 0
+  private readonly gid = process.getgid?.() ?? 0
+  private readonly dirTimes: FileTimes
+
+  /** Throws InvalidRequestError (one line) when two images would get the same file name. */
+  constructor(sources: readonly RawFileSource[]) {
+    const created = new Date()
+    this.dirTimes = { atime: created, mtime: created, ctime: created }
+    const files: RawFile[] = []
+    for (const source of sources) {
+      const name = rawFileName(source.imagePath)
+      const clash = this.byPath.get(`/${name}`)
+      if (clash) {
+        throw new InvalidRequestError(`${clash.imagePath} and ${source.imagePath} would both appear as ${name}; rename one of them`)
+      }
+      const file: RawFile = {
+        name,
+        imagePath: source.imagePath,
+        disk: source.disk,
+        times: source.times ?? { ...this.dirTimes },
+        ino: files.length + 2,
+      }
+      files.push(file)
+      this.byPath.set(`/${name}`, file)
+    }
+    this.files = files
+  }
+
+  /** True when no disk accepts writes: the mount itself is then read-only. */
+  get readOnly(): boolean {
+    return this.files.every((file) => file.disk.readOnly)
+  }
+
+  /** Number of requests still being answered. */
+  get pending(): number {
+    return this.inFlight
+  }
+
+  /** Resolves when no request is being answered. */
+  idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve()
+    return new Promise((resolve) => this.idleWaiters.push(resolve))
+  }
+
+  /** The fuse-native operation table. */
+  operations(): FuseOperations {
+    return {
+      init: (cb) => cb(0),
+      getattr: (path, cb) => this.answer(cb, () => this.getattr(path)),
+      readdir: (path, cb) => this.answer(cb, () => this.readdir(path)),
+      open: (path, flags, cb) => this.answer(cb, () => this.open(path, flags)),
+      release: (_path, fh, cb) => this.answer(cb, () => this.release(fh)),
+      statfs: (_path, cb) => this.answer(cb, () => this.statfs()),
+      read: (_path, fh, buf, length, position, cb) => this.track(cb, () => this.read(fh, buf, length, position)),
+      write: (_path, fh, buf, length, position, cb) => this.track(cb, () => this.write(fh, buf, length, position)),
+      flush: (_path, fh, cb) => this.track(cb, () => this.flush(fh)),
+      fsync: (_path, _datasync, fh, cb) => this.track(cb, () => this.fsync(fh)),
+      truncate: (path, size, cb) => this.answer(cb, () => this.truncate(this.lookup(path), size)),
+      ftruncate: (_path, fh, size, cb) => this.answer(cb, () => this.truncate(this.handle(fh).file, size)),
+      utimens: (path, atime, mtime, cb) => this.answer(cb, () => this.utimens(path, atime, mtime)),
+    }
+  }
+
+  /* Synchronous operations: the value (or a thrown error) becomes the reply. */
+
+  private answer<T>(cb: (code: number, value?: T) => void, op: () => T): void {
+    let value: T
+    try {
+      value = op()
+    } catch (err) {
+      return cb(typeof err === 'number' ? err : toFuseErrno(err))
+    }
+    cb(0, value)
+  }
+
+  /* Disk operations: counted while in flight; the resolved number (0 or a byte count) or the
+   * rejection's errno becomes the reply. */
+
+  private track(cb: (code: number) => void, op: () => Promise<number>): void {
+    this.inFlight++
+    let promise: Promise<number>
+    try {
+      promise = op()
+    } catch (err) {
+      promise = Promise.reject(err)
+    }
+    promise
+      .then(
+        (result) => result,
+        (err: unknown) => {
+          if (typeof err === 'number') return err
+          log.fuse('request failed: %s', err instanceof Error ? err.message : String(err))
+          return toFuseErrno(err)
+        },
+      )
+      .then((code) => {
+        this.inFlight--
+        if (this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake()
+        cb(code)
+      })
+  }
+
+  private lookup(path: string): RawFile {
+    const file = this.byPath.get(path)
+    if (file) return file
+    // A name below one of our files: the kernel asks only if someone tries 'disk.raw/x'.
+    if (path.indexOf('/', 1) > 0 && this.byPath.has(path.slice(0, path.indexOf('/', 1)))) throw ENOTDIR
+    throw ENOENT
+  }
+
+  private handle(fh: number): OpenHandle {
+    const handle = this.handles.get(fh)
+    if (!handle) throw EBADF
+    return handle
+  }
+
+  private getattr(path: string): FuseStat {
+    if (path === '/') {
+      return {
+        mode: S_IFDIR | (this.readOnly ? 0o555 : 0o755),
+        uid: this.uid,
+        gid: this.gid,
+        size: 4096,
+        nlink: 2,
+        ino: 1,
+        blksize: 4096,
+        blocks: 8,
+        ...this.dirTimes,
+      }
+    }
+    const file = this.lookup(path)
+    return {
+      mode: S_IFREG | (file.disk.readOnly ? 0o444 : 0o644),
+      uid: this.uid,
+      gid: this.gid,
+      size: file.disk.virtualSize,
+      nlink: 1,
+      ino: file.ino,
+      blksize: PREFERRED_IO_BYTES,
+      blocks: Math.ceil(file.disk.virtualSize / 512),
+      ...file.times,
+    }
+  }
+
+  private readdir(path: string): string[] {
+    if (path !== '/') {
+      this.lookup(path)
+      throw ENOTDIR
+    }
+    return ['.', '..', ...this.files.map((file) => file.name)]
+  }
+
+  private open(path: string, flags: number): number {
+    if (path === '/') throw EISDIR
+    const file = this.lookup(path)
+    const writable = (flags & O_ACCMODE) !== O_RDONLY
+    if (writable && file.disk.readOnly) throw EROFS
+    // O_TRUNC (atomic_o_trunc) is ignored: a disk keeps its size; writes overwrite in place.
+    let fh = this.nextHandle
+    while (this.handles.has(fh)) fh = fh >= 0x7fffffff ? 1 : fh + 1
+    this.nextHandle = fh >= 0x7fffffff ? 1 : fh + 1
+    this.handles.set(fh, { file, writable, dirty: false })
+    log.fuse('open %s flags 0x%s -> fh %d', path, flags.toString(16), fh)
+    return fh
+  }
+
+  private release(fh: number): void {
+    this.handles.delete(fh)
+  }
+
+  private async read(fh: number, buf: Buffer, length: number, guestOffset: number): Promise<number> {
+    const { disk } = this.handle(fh).file
+    if (guestOffset >= disk.virtualSize) return 0
+    const byteCount = Math.min(length, disk.virtualSize - guestOffset)
+    // The engine fills fuse-native's own buffer (libfuse memory): no copy.
+    await disk.read(buf.subarray(0, byteCount), guestOffset)
+    return byteCount
+  }
+
+  private async write(fh: number, buf: Buffer, length: number, guestOffset: number): Promise<number> {
+    const handle = this.handle(fh)
+    const { disk } = handle.file
+    if (disk.readOnly || !handle.writable) throw disk.readOnly ? EROFS : EBADF
+    // A disk does not grow: like a block device, no space past its end.
+    if (guestOffset >= disk.virtualSize) throw ENOSPC
+    const byteCount = Math.min(length, disk.virtualSize - guestOffset)
+    await disk.write(buf.subarray(0, byteCount), guestOffset)
+    handle.dirty = true
+    handle.file.times.mtime = new Date()
+    return byteCount
+  }
+
+  /** close(2) of a descriptor that wrote: make the data durable before close returns. */
+  private async flush(fh: number): Promise<number> {
+    const handle = this.handles.get(fh)
+    if (!handle?.dirty) return 0
+    handle.dirty = false
+    await handle.file.disk.flush()
+    return 0
+  }
+
+  private async fsync(fh: number): Promise<number> {
+    const handle = this.handle(fh)
+    if (handle.file.disk.readOnly) return 0
+    handle.dirty = false
+    await handle.file.disk.flush()
+    return 0
+  }
+
+  private truncate(file: RawFile, sizeBytes: number): void {
+    if (file.disk.readOnly) throw EROFS
+    if (sizeBytes !== file.disk.virtualSize) throw EINVAL
+  }
+
+  private utimens(path: string, atimeMs: number, mtimeMs: number): void {
+    const file = this.lookup(path)
+    if (file.disk.readOnly) throw EROFS
+    file.times.atime = new Date(atimeMs)
+    file.times.mtime = new Date(mtimeMs)
+  }
+
+  private statfs(): FuseStatfs {
+    const totalBytes = this.files.reduce((sum, file) => sum + file.disk.virtualSize, 0)
+    // fuse-native passes 32-bit fields: grow the fragment size until the block count fits.
+    let fragmentBytes = 4096
+    while (Math.ceil(totalBytes / fragmentBytes) > 0xffffffff) fragmentBytes *= 2
+    return {
+      bsize: PREFERRED_IO_BYTES,
+      frsize: fragmentBytes,
+      blocks: Math.ceil(totalBytes / fragmentBytes),
+      bfree: 0,
+      bavail: 0,
+      files: this.files.length + 1,
+      ffree: 0,
+      favail: 0,
+      fsid: 0,
+      flag: this.readOnly ? ST_RDONLY : 0,
+      namemax: 255,
+    }
+  }
+}
+
+export interface MountRawFilesOptions {
+  allowOther?: boolean
+  /** Overrides of DEFAULT_KERNEL_TUNING (measurements only). */
+  tuning?: Partial<typeof DEFAULT_KERNEL_TUNING>
+  pollIntervalMs?: number
+}
+
+export interface MountedRawFiles {
+  adapter: RawFilesAdapter
+  session: FuseSession
+  /** Absolute paths of the raw files, in source order. */
+  paths: string[]
+}
+
+/** Mounts `sources` at `mountpoint` (an existing directory); resolves once the mount is live. */
+export async function mountRawFiles(mountpoint: string, sources: readonly RawFileSource[], opts: MountRawFilesOptions = {}): Promise<MountedRawFiles> {
+  const adapter = new RawFilesAdapter(sources)
+  const session = await FuseSession.mount({
+    // The mount table lists resolved paths; so must the session.
+    mountpoint: await realpath(mountpoint),
+    ops: adapter.operations(),
+    timeouts: OPERATION_TIMEOUTS,
+    kernel: {
+      name: 'qcow2fs',
+      readOnly: adapter.readOnly,
+      allowOther: opts.allowOther ?? false,
+      ...DEFAULT_KERNEL_TUNING,
+      ...opts.tuning,
+    },
+    pollIntervalMs: opts.pollIntervalMs,
+  })
+  return { adapter, session, paths: adapter.files.map((file) => join(session.mountpoint, file.name)) }
+}

@@ -1,0 +1,389 @@
+/*
+ * Qcow2Image: the engine's facade. Opens an image (and its backing chain and data file),
+ * validates everything that can be validated up front, and serves guest reads.
+ *
+ * Design notes:
+ *  - Opening never writes: every file is opened O_RDONLY in this version, so a failed (or
+ *    successful) open cannot modify the image.
+ *  - Open-time checks refuse what cannot be read safely: bad magic or version, header fields
+ *    out of range, unknown incompatible features (named from the feature name table), encryption,
+ *    tables misaligned or past EOF, an L1 table too small for the virtual size or too large,
+ *    a backing chain that loops or is too deep, a missing backing or data file. Damage found
+ *    later, per region (an L2 table past EOF, a damaged compressed cluster, an invalid subcluster
+ *    bitmap) fails only the read that touches it, with CorruptImageError (EIO).
+ *  - Reads are synchronous underneath (see lib/io/block-file.ts); `read` is async to keep the
+ *    VirtualDisk contract open for the write path, which needs an async metadata lock.
+ *  - This version is read-only. The write path (allocation, refcounts, COW, metadata write
+ *    ordering) comes with its own design notes when it lands.
+ */
+import * as path from 'node:path'
+import type { VirtualDisk } from './disk.js'
+import { ClosedError, CorruptImageError, NotFoundError, ReadOnlyError, UnsupportedFeatureError } from './errors.js'
+import type { ImageInfo, SnapshotInfo } from './image-info.js'
+import {
+  COMPRESSION_TYPE_ZSTD,
+  MAX_BACKING_CHAIN_DEPTH,
+  MAX_L1_TABLE_BYTES,
+  MAX_REFCOUNT_TABLE_BYTES,
+  MAX_SNAPSHOTS,
+  MAX_SNAPSHOT_TABLE_BYTES,
+  QCOW_VERSION_3,
+  TABLE_ENTRY_SIZE,
+} from './format/constants.js'
+import { type Geometry, l1EntriesFor, makeGeometry } from './format/geometry.js'
+import {
+  HEADER_PROBE_SIZE,
+  type HeaderExtensions,
+  type Qcow2Header,
+  checkIncompatibleFeatures,
+  headerFlags,
+  parseBackingFileName,
+  parseHeader,
+  parseHeaderExtensions,
+} from './format/header.js'
+import { hex } from './format/int64.js'
+import { type SnapshotEntry, parseSnapshotTable } from './format/snapshot.js'
+import { type BlockFile, NodeBlockFile } from './io/block-file.js'
+import { log } from './log.js'
+import { DEFAULT_L2_CACHE_BYTES, L2SliceCache } from './meta/l2-cache.js'
+import {
+  type ChainContext,
+  RawSource,
+  type ReadSource,
+  checkBackingFormat,
+  enterChain,
+  openBackingFile,
+  probeFormat,
+  resolveBackingPath,
+} from './engine/backing.js'
+import { ClusterMapper } from './engine/cluster-map.js'
+import { ReadPath } from './engine/read-path.js'
+
+export interface OpenOptions {
+  /** Open read-only. This version only reads: passing false is refused. Default true. */
+  readOnly?: boolean
+  /** Present this internal snapshot (by ID or name) instead of the active image; read-only. */
+  snapshot?: string
+  /** Bound of the L2 table cache in bytes (the `cache-size` mount option). */
+  l2CacheBytes?: number
+}
+
+/** Everything openOnFile validated and opened, handed to the constructor. */
+interface ImageParts {
+  path: string
+  file: BlockFile
+  dataFile: BlockFile | undefined
+  header: Qcow2Header
+  extensions: HeaderExtensions
+  geometry: Geometry
+  virtualSize: number
+  backingFileName: string | undefined
+  backingFormat: 'qcow2' | 'raw' | undefined
+  backing: ReadSource | undefined
+  snapshots: SnapshotEntry[]
+  snapshot: SnapshotEntry | undefined
+  readPath: ReadPath
+}
+
+export class Qcow2Image implements VirtualDisk, ReadSource {
+  readonly path: string
+  readonly header: Qcow2Header
+  readonly extensions: HeaderExtensions
+  readonly geometry: Geometry
+  readonly virtualSize: number
+  readonly readOnly = true
+  readonly backingFileName: string | undefined
+  readonly backingFormat: 'qcow2' | 'raw' | undefined
+  readonly snapshots: SnapshotEntry[]
+  /** The snapshot presented, when opened with `snapshot`. */
+  readonly snapshot: SnapshotEntry | undefined
+  #file: BlockFile
+  #dataFile: BlockFile | undefined
+  #backing: ReadSource | undefined
+  #readPath: ReadPath
+  #closed = false
+
+  private constructor(init: ImageParts) {
+    this.path = init.path
+    this.#file = init.file
+    this.#dataFile = init.dataFile
+    this.header = init.header
+    this.extensions = init.extensions
+    this.geometry = init.geometry
+    this.virtualSize = init.virtualSize
+    this.backingFileName = init.backingFileName
+    this.backingFormat = init.backingFormat
+    this.#backing = init.backing
+    this.snapshots = init.snapshots
+    this.snapshot = init.snapshot
+    this.#readPath = init.readPath
+  }
+
+  /** Opens a qcow2 image; rejects with a Qcow2Error whose message names the problem. */
+  static async open(imagePath: string, options: OpenOptions = {}): Promise<Qcow2Image> {
+    return Qcow2Image.openSync(imagePath, options)
+  }
+
+  static openSync(imagePath: string, options: OpenOptions = {}, chain?: ChainContext): Qcow2Image {
+    if (options.readOnly === false) {
+      throw new UnsupportedFeatureError('this version of qcow2fs opens images read-only')
+    }
+    const context = enterChain(chain, imagePath, MAX_BACKING_CHAIN_DEPTH)
+    const file = NodeBlockFile.open(imagePath, { readOnly: true })
+    const opened: { close(): void }[] = [file]
+    try {
+      return openOnFile(imagePath, file, options, context, opened)
+    } catch (err) {
+      for (const f of opened.reverse()) f.close()
+      throw err
+    }
+  }
+
+  /** Wraps an already validated state; used by openOnFile. */
+  static fromParts(init: ImageParts): Qcow2Image {
+    return new Qcow2Image(init)
+  }
+
+  readSync(buf: Uint8Array, guestOffset: number): void {
+    if (this.#closed) throw new ClosedError()
+    this.#readPath.readSync(buf, guestOffset)
+  }
+
+  async read(buf: Uint8Array, guestOffset: number): Promise<void> {
+    this.readSync(buf, guestOffset)
+  }
+
+  async write(_buf: Uint8Array, _guestOffset: number): Promise<void> {
+    if (this.#closed) throw new ClosedError()
+    throw new ReadOnlyError(`'${this.path}' is open read-only`)
+  }
+
+  async flush(): Promise<void> {
+    if (this.#closed) throw new ClosedError()
+  }
+
+  async close(): Promise<void> {
+    this.closeSync()
+  }
+
+  /** Releases the image, its data file and its backing chain. Idempotent. */
+  closeSync(): void {
+    if (this.#closed) return
+    this.#closed = true
+    this.#backing?.close()
+    this.#dataFile?.close()
+    this.#file.close()
+  }
+
+  info(): ImageInfo {
+    const h = this.header
+    const data: ImageInfo['format-specific']['data'] = {
+      compat: h.version === QCOW_VERSION_3 ? '1.1' : '0.10',
+      'compression-type': h.compressionType === COMPRESSION_TYPE_ZSTD ? 'zstd' : 'zlib',
+      'refcount-bits': 2 ** h.refcountOrder,
+    }
+    if (h.version === QCOW_VERSION_3) {
+      data['lazy-refcounts'] = headerFlags.lazyRefcounts(h)
+      if (this.extensions.dataFile !== undefined) {
+        data['data-file'] = this.extensions.dataFile
+        data['data-file-raw'] = headerFlags.dataFileRaw(h)
+      }
+      data.corrupt = headerFlags.corrupt(h)
+      data['extended-l2'] = headerFlags.extendedL2(h)
+    }
+    const info: ImageInfo = {
+      filename: this.path,
+      format: 'qcow2',
+      'virtual-size': this.header.virtualSize,
+      'cluster-size': this.geometry.clusterSize,
+      'actual-size': this.#file.allocatedBytes(),
+      'dirty-flag': headerFlags.dirty(h),
+      'format-specific': { type: 'qcow2', data },
+    }
+    if (this.backingFileName !== undefined) {
+      info['backing-filename'] = this.backingFileName
+      info['full-backing-filename'] = resolveBackingPath(this.path, this.backingFileName)
+      if (this.extensions.backingFormat !== undefined) info['backing-filename-format'] = this.extensions.backingFormat
+    }
+    if (this.snapshots.length > 0) {
+      info.snapshots = this.snapshots.map((s): SnapshotInfo => {
+        const out: SnapshotInfo = {
+          id: s.id,
+          name: s.name,
+          'vm-state-size': s.vmStateSize,
+          'date-sec': s.dateSeconds,
+          'date-nsec': s.dateNanoseconds,
+          'vm-clock-sec': Math.floor(s.vmClockNanoseconds / 1e9),
+          'vm-clock-nsec': s.vmClockNanoseconds % 1e9,
+        }
+        if (s.icount !== undefined) out.icount = s.icount
+        return out
+      })
+    }
+    return info
+  }
+}
+
+function corrupt(imagePath: string, message: string): CorruptImageError {
+  return new CorruptImageError(`'${imagePath}': ${message}`)
+}
+
+/** Checks that [offset, offset + bytes) is cluster aligned and inside the file. */
+function checkTable(imagePath: string, what: string, offset: number, bytes: number, clusterSize: number, fileSize: number): void {
+  if (offset % clusterSize !== 0) throw corrupt(imagePath, `${what} offset ${hex(offset)} is not cluster aligned`)
+  if (offset === 0) throw corrupt(imagePath, `${what} overlaps the header`)
+  if (offset + bytes > fileSize) throw corrupt(imagePath, `${what} at ${hex(offset)} lies past the end of the file`)
+}
+
+function readExact(file: BlockFile, bytes: number, hostOffset: number, imagePath: string, what: string): Uint8Array {
+  const buf = new Uint8Array(bytes)
+  if (file.pread(buf, hostOffset) !== bytes) throw corrupt(imagePath, `${what} lies past the end of the file`)
+  return buf
+}
+
+function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, context: ChainContext, opened: { close(): void }[]): Qcow2Image {
+  const probe = new Uint8Array(Math.min(HEADER_PROBE_SIZE, file.size))
+  file.pread(probe, 0)
+  let header: Qcow2Header
+  try {
+    header = parseHeader(probe)
+  } catch (err) {
+    if (err instanceof Error && 'code' in err) {
+      ;(err as Error).message = `'${imagePath}': ${(err as Error).message}`
+    }
+    throw err
+  }
+  const geometry = makeGeometry(header.clusterBits, headerFlags.extendedL2(header))
+  const clusterSize = geometry.clusterSize
+  const headerCluster = new Uint8Array(Math.min(clusterSize, file.size))
+  file.pread(headerCluster, 0)
+  let extensions: HeaderExtensions
+  let backingFileName: string | undefined
+  try {
+    extensions = parseHeaderExtensions(header, headerCluster)
+    checkIncompatibleFeatures(header, extensions)
+    backingFileName = parseBackingFileName(header, headerCluster)
+  } catch (err) {
+    if (err instanceof Error) err.message = `'${imagePath}': ${err.message}`
+    throw err
+  }
+
+  // Tables.
+  const l1Bytes = header.l1Size * TABLE_ENTRY_SIZE
+  if (l1Bytes > MAX_L1_TABLE_BYTES) throw corrupt(imagePath, `L1 table is too large (${header.l1Size} entries)`)
+  if (header.l1Size < l1EntriesFor(geometry, header.virtualSize)) {
+    throw corrupt(imagePath, `L1 table is too small for the virtual size (${header.l1Size} entries)`)
+  }
+  if (header.l1Size > 0) checkTable(imagePath, 'L1 table', header.l1TableOffset, l1Bytes, clusterSize, file.size)
+  const refcountTableBytes = header.refcountTableClusters * clusterSize
+  if (refcountTableBytes > MAX_REFCOUNT_TABLE_BYTES) {
+    throw corrupt(imagePath, `refcount table is too large (${header.refcountTableClusters} clusters)`)
+  }
+  if (header.refcountTableClusters === 0) throw corrupt(imagePath, 'image has no refcount table')
+  checkTable(imagePath, 'refcount table', header.refcountTableOffset, refcountTableBytes, clusterSize, file.size)
+  if (header.snapshotCount > MAX_SNAPSHOTS) throw corrupt(imagePath, `too many snapshots (${header.snapshotCount})`)
+  const snapshots = header.snapshotCount > 0 ? readSnapshots(imagePath, file, header, clusterSize) : []
+
+  // Which L1 table and size to present.
+  let l1TableOffset = header.l1TableOffset
+  let l1Size = header.l1Size
+  let virtualSize = header.virtualSize
+  let snapshot: SnapshotEntry | undefined
+  if (options.snapshot !== undefined) {
+    snapshot = snapshots.find((s) => s.id === options.snapshot) ?? snapshots.find((s) => s.name === options.snapshot)
+    if (snapshot === undefined) throw new NotFoundError(`'${imagePath}': snapshot '${options.snapshot}' not found`)
+    l1TableOffset = snapshot.l1TableOffset
+    l1Size = snapshot.l1Size
+    virtualSize = snapshot.diskSize ?? header.virtualSize
+    if (l1Size * TABLE_ENTRY_SIZE > MAX_L1_TABLE_BYTES) throw corrupt(imagePath, `snapshot '${snapshot.name}' L1 table is too large`)
+    if (l1Size > 0) checkTable(imagePath, `snapshot '${snapshot.name}' L1 table`, l1TableOffset, l1Size * TABLE_ENTRY_SIZE, clusterSize, file.size)
+    if (l1Size < l1EntriesFor(geometry, virtualSize)) throw corrupt(imagePath, `snapshot '${snapshot.name}' L1 table is too small`)
+  }
+  const l1Table = l1Size > 0 ? readExact(file, l1Size * TABLE_ENTRY_SIZE, l1TableOffset, imagePath, 'L1 table') : new Uint8Array(0)
+
+  // External data file.
+  let dataFile: BlockFile | undefined
+  const externalDataFile = headerFlags.externalDataFile(header)
+  if (externalDataFile) {
+    if (extensions.dataFile === undefined) throw corrupt(imagePath, 'image needs an external data file but names none')
+    const dataPath = resolveBackingPath(imagePath, extensions.dataFile)
+    try {
+      dataFile = NodeBlockFile.open(dataPath, { readOnly: true })
+    } catch (err) {
+      if (err instanceof NotFoundError) throw new NotFoundError(`'${imagePath}': data file '${extensions.dataFile}' not found (looked for '${dataPath}')`)
+      throw err
+    }
+    opened.push(dataFile)
+  }
+
+  // Backing chain.
+  let backing: ReadSource | undefined
+  let backingFormat: 'qcow2' | 'raw' | undefined
+  if (backingFileName !== undefined) {
+    const backingFile = openBackingFile(imagePath, backingFileName)
+    const backingPath = resolveBackingPath(imagePath, backingFileName)
+    backingFormat = extensions.backingFormat !== undefined ? checkBackingFormat(extensions.backingFormat, backingFileName) : probeFormat(backingFile)
+    if (backingFormat === 'raw') {
+      backing = new RawSource(backingFile)
+      opened.push(backing)
+    } else {
+      backingFile.close()
+      const image = Qcow2Image.openSync(backingPath, { readOnly: true }, context)
+      backing = { virtualSize: image.virtualSize, readSync: (b, o) => image.readSync(b, o), close: () => image.closeSync() }
+      opened.push(backing)
+    }
+    log.backing('%s: backing file %s (%s)', imagePath, backingPath, backingFormat)
+  }
+
+  const l2Cache = new L2SliceCache(file, geometry, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES)
+  const mapper = new ClusterMapper(geometry, l1Table, l1Size, l2Cache, { externalDataFile })
+  const readPathOptions: ConstructorParameters<typeof ReadPath>[0] = {
+    geometry,
+    mapper,
+    imageFile: file,
+    dataFile: dataFile ?? file,
+    compressionType: header.compressionType,
+  }
+  if (backing) readPathOptions.backing = backing
+  const readPath = new ReadPath(readPathOptions)
+  log.open('%s: v%d, %d-byte clusters, virtual size %d%s', imagePath, header.version, clusterSize, virtualSize, snapshot ? `, snapshot ${snapshot.id}` : '')
+  return Qcow2Image.fromParts({
+    path: path.resolve(imagePath),
+    file,
+    dataFile,
+    header,
+    extensions,
+    geometry,
+    virtualSize,
+    backingFileName,
+    backingFormat,
+    backing,
+    snapshots,
+    snapshot,
+    readPath,
+  })
+}
+
+/** Reads the snapshot table, growing the read until every entry fits (bounded by QEMU's limit). */
+function readSnapshots(imagePath: string, file: BlockFile, header: Qcow2Header, clusterSize: number): SnapshotEntry[] {
+  if (header.snapshotsOffset % clusterSize !== 0) {
+    throw corrupt(imagePath, `snapshot table offset ${hex(header.snapshotsOffset)} is not cluster aligned`)
+  }
+  if (header.snapshotsOffset === 0 || header.snapshotsOffset >= file.size) {
+    throw corrupt(imagePath, `snapshot table at ${hex(header.snapshotsOffset)} lies past the end of the file`)
+  }
+  const available = Math.min(MAX_SNAPSHOT_TABLE_BYTES, file.size - header.snapshotsOffset)
+  let bytes = Math.min(available, Math.max(4096, header.snapshotCount * 128))
+  for (;;) {
+    const table = new Uint8Array(bytes)
+    file.pread(table, header.snapshotsOffset)
+    try {
+      return parseSnapshotTable(table, header.snapshotCount)
+    } catch (err) {
+      if (bytes >= available) {
+        throw corrupt(imagePath, (err as Error).message)
+      }
+      bytes = Math.min(available, bytes * 4)
+    }
+  }
+}

@@ -1,0 +1,95 @@
+/*
+ * BlockFile: positioned I/O on a host file. This is the only module of the engine that touches
+ * node:fs. Calls are synchronous on purpose: measured on our target machine, synchronous
+ * reads through the FUSE binding beat the thread-pool round trip of async fs calls for
+ * sequential I/O, and the engine's read path is CPU-light between I/Os.
+ */
+import * as fs from 'node:fs'
+import { NotFoundError } from '../errors.js'
+
+export interface BlockFile {
+  /** The path the file was opened with (for messages). */
+  readonly path: string
+  /** Size of the file in bytes, as of open (kept current by this process's own writes). */
+  readonly size: number
+  /** Reads up to buf.length bytes at hostOffset; returns the bytes read (short only at EOF). */
+  pread(buf: Uint8Array, hostOffset: number): number
+  /** Bytes the file occupies on the host (allocated blocks), for `info`. */
+  allocatedBytes(): number
+  close(): void
+}
+
+export interface OpenFileOptions {
+  readOnly: boolean
+}
+
+export class NodeBlockFile implements BlockFile {
+  readonly path: string
+  #fd: number
+  #size: number
+
+  private constructor(path: string, fd: number, size: number) {
+    this.path = path
+    this.#fd = fd
+    this.#size = size
+  }
+
+  /** Opens path; a missing file becomes NotFoundError naming it. Never creates or truncates. */
+  static open(path: string, options: OpenFileOptions): NodeBlockFile {
+    let fd: number
+    try {
+      fd = fs.openSync(path, options.readOnly ? 'r' : 'r+')
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code
+      if (code === 'ENOENT') throw new NotFoundError(`'${path}': no such file`, { cause: err })
+      throw err
+    }
+    try {
+      const stat = fs.fstatSync(fd)
+      if (stat.isDirectory()) throw new NotFoundError(`'${path}' is a directory, not an image file`)
+      return new NodeBlockFile(path, fd, stat.size)
+    } catch (err) {
+      fs.closeSync(fd)
+      throw err
+    }
+  }
+
+  get size(): number {
+    return this.#size
+  }
+
+  pread(buf: Uint8Array, hostOffset: number): number {
+    let done = 0
+    while (done < buf.length) {
+      const n = fs.readSync(this.#fd, buf, done, buf.length - done, hostOffset + done)
+      if (n === 0) break
+      done += n
+    }
+    return done
+  }
+
+  allocatedBytes(): number {
+    return fs.fstatSync(this.#fd).blocks * 512
+  }
+
+  close(): void {
+    if (this.#fd >= 0) {
+      fs.closeSync(this.#fd)
+      this.#fd = -1
+    }
+  }
+}
+
+/** Real path of a file, or the path itself if it cannot be resolved (for loop detection). */
+export function realPathOf(path: string): string {
+  try {
+    return fs.realpathSync(path)
+  } catch {
+    return path
+  }
+}
+
+/** True if the file exists (any type). */
+export function fileExists(path: string): boolean {
+  return fs.existsSync(path)
+}

@@ -1,0 +1,79 @@
+/*
+ * L2 table cache, in slices.
+ *
+ * Design notes:
+ *  - The cache holds fixed-size slices of L2 tables (at most 4 KiB each, or one cluster when
+ *    clusters are smaller), in on-disk byte order, keyed by host offset of the slice. A slice of
+ *    a 64 KiB-cluster image maps 32 MiB of guest space (16 MiB with extended L2), so a random
+ *    read loads 4 KiB of metadata, not a whole (up to 2 MiB) table.
+ *  - It is bounded in bytes (the `cache-size` mount option) through lru-cache; at least two
+ *    slices are kept whatever the bound.
+ *  - This version is read-only: slices are never dirty. The write path will pin dirty slices
+ *    outside the LRU, since lru-cache's dispose is synchronous and cannot write back.
+ */
+import { LRUCache } from 'lru-cache'
+import { CorruptImageError } from '../errors.js'
+import type { Geometry } from '../format/geometry.js'
+import { hex } from '../format/int64.js'
+import type { BlockFile } from '../io/block-file.js'
+
+/** Largest slice: 4 KiB (one page) of L2 entries. */
+export const L2_SLICE_MAX_BYTES = 4096
+/** Default bound of the L2 cache when the user gives none: 32 MiB, QEMU's default maximum. */
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+/** Minimum number of slices the cache keeps, whatever the configured size. */
+const MIN_SLICES = 2
+
+export interface L2Slice {
+  bytes: Uint8Array
+  view: DataView
+}
+
+export class L2SliceCache {
+  readonly sliceBytes: number
+  /** L2 entries per slice. */
+  readonly sliceEntries: number
+  #file: BlockFile
+  #cache: LRUCache<number, L2Slice>
+  #hits = 0
+  #misses = 0
+
+  constructor(file: BlockFile, geometry: Geometry, maxBytes: number = DEFAULT_L2_CACHE_BYTES) {
+    this.#file = file
+    this.sliceBytes = Math.min(geometry.clusterSize, L2_SLICE_MAX_BYTES)
+    this.sliceEntries = this.sliceBytes / geometry.l2EntrySize
+    const maxSlices = Math.max(MIN_SLICES, Math.floor(maxBytes / this.sliceBytes))
+    this.#cache = new LRUCache<number, L2Slice>({ max: maxSlices })
+  }
+
+  /**
+   * The slice holding entry `l2Index` of the L2 table at l2Offset, and the entry's index within
+   * the slice. Reads the slice on a miss; throws CorruptImageError if it lies past EOF.
+   */
+  slice(l2Offset: number, l2Index: number): { slice: L2Slice; indexInSlice: number } {
+    const sliceIndex = Math.floor(l2Index / this.sliceEntries)
+    const sliceOffset = l2Offset + sliceIndex * this.sliceBytes
+    let slice = this.#cache.get(sliceOffset)
+    if (slice === undefined) {
+      this.#misses++
+      const bytes = new Uint8Array(this.sliceBytes)
+      const n = this.#file.pread(bytes, sliceOffset)
+      if (n !== bytes.length) {
+        throw new CorruptImageError(`L2 table at ${hex(l2Offset)} lies past the end of the image file`)
+      }
+      slice = { bytes, view: new DataView(bytes.buffer) }
+      this.#cache.set(sliceOffset, slice)
+    } else {
+      this.#hits++
+    }
+    return { slice, indexInSlice: l2Index - sliceIndex * this.sliceEntries }
+  }
+
+  stats(): { hits: number; misses: number; slices: number } {
+    return { hits: this.#hits, misses: this.#misses, slices: this.#cache.size }
+  }
+
+  clear(): void {
+    this.#cache.clear()
+  }
+}
