@@ -1,0 +1,163 @@
+#!/usr/bin/env node
+/*
+ * Turns the samples of one bench/run.sh run into a markdown report: medians per case and
+ * target, the qcow2fs / qsd ratio with the project goals, the no-I/O ceiling, every sample.
+ *
+ * Usage: node bench/report.mjs --samples FILE.tsv --meta FILE.env --out FILE.md [--doc PERFORMANCE.md]
+ *
+ * The report goes to --out and to stdout. With --doc, the text between the markers
+ * <!-- bench-results:begin --> and <!-- bench-results:end --> of that file is replaced by it,
+ * so the figures in the doc are exactly what the run printed.
+ */
+import { readFileSync, writeFileSync } from 'node:fs'
+import { parseArgs } from 'node:util'
+
+const BEGIN_MARKER = '<!-- bench-results:begin -->'
+const END_MARKER = '<!-- bench-results:end -->'
+
+const CASES = [
+  { id: 'seq-cold', label: 'Sequential read, dd bs=1M, all caches dropped', unit: 'MB/s' },
+  { id: 'seq-warm', label: 'Sequential read, dd bs=1M, qcow2 file in host page cache', unit: 'MB/s' },
+  { id: 'rand-qd1', label: '4 KiB random read, fio psync, iodepth 1', unit: 'IOPS' },
+  { id: 'rand-qd16', label: '4 KiB random read, fio libaio, iodepth 16', unit: 'IOPS' },
+]
+const IMAGES = ['allocated', 'compressed']
+/** Project goals for qcow2fs / qsd (from the performance issue). */
+const GOALS = new Map([
+  ['seq-cold/allocated', 1.2],
+  ['seq-cold/compressed', 1.0],
+])
+const KIND_NAMES = { qcow2fs: 'qcow2fs', qsd: 'qsd FUSE export', zero: 'no-I/O fuse-native server' }
+
+function fail(message) {
+  process.stderr.write(`report: ${message}\n`)
+  process.exit(1)
+}
+
+const { values: args } = parseArgs({
+  options: {
+    samples: { type: 'string' },
+    meta: { type: 'string' },
+    out: { type: 'string' },
+    doc: { type: 'string' },
+  },
+  strict: true,
+})
+if (!args.samples || !args.meta || !args.out) fail('--samples, --meta and --out are required')
+
+function readMeta(path) {
+  const meta = {}
+  for (const line of readFileSync(path, 'utf8').split('\n')) {
+    const eq = line.indexOf('=')
+    if (eq > 0) meta[line.slice(0, eq)] = line.slice(eq + 1)
+  }
+  return meta
+}
+
+function readSamples(path) {
+  const lines = readFileSync(path, 'utf8').trim().split('\n')
+  const header = lines.shift()?.split('\t')
+  if (header?.join(',') !== 'rep,case,kind,image,value') fail(`unexpected header in ${path}`)
+  /** key "case|kind|image" -> values in run order */
+  const samples = new Map()
+  for (const line of lines) {
+    const [rep, caseId, kind, image, valueText] = line.split('\t')
+    const value = Number(valueText)
+    if (!rep || !caseId || !kind || !image || !Number.isFinite(value) || value <= 0) fail(`bad sample line: ${line}`)
+    const key = `${caseId}|${kind}|${image}`
+    if (!samples.has(key)) samples.set(key, [])
+    samples.get(key).push(value)
+  }
+  return samples
+}
+
+function median(values) {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = Math.floor(sorted.length / 2)
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+}
+
+function formatValue(value, unit) {
+  if (value === undefined) return 'n/a'
+  return unit === 'IOPS' ? String(Math.round(value)) : value.toFixed(0)
+}
+
+const meta = readMeta(args.meta)
+const samples = readSamples(args.samples)
+const medianOf = (caseId, kind, image) => {
+  const values = samples.get(`${caseId}|${kind}|${image}`)
+  return values && values.length > 0 ? median(values) : undefined
+}
+
+const out = []
+const mib = (bytes) => (Number(bytes) / 1048576).toFixed(0)
+out.push(`Run of ${meta.date}, commit ${meta.git}, command \`make bench\` (bash bench/run.sh).`)
+out.push('')
+out.push(
+  `Machine: ${meta.cpu}, ${meta.nproc} CPUs, ${meta.memory} RAM, ${meta.kernel}; ` +
+    `Node.js ${meta.node}, ${meta.qemu}, ${meta.fio}, fuse-native ${meta.fuse_native}.`,
+)
+out.push('')
+out.push(
+  `Images: ${meta.image_mib} MiB guest, 64 KiB clusters, every cluster allocated; ` +
+    `allocated.qcow2 is ${mib(meta.allocated_bytes)} MiB on disk, compressed.qcow2 is ` +
+    `${mib(meta.compressed_bytes)} MiB with ${meta.compressed_pct || '?'}% of its clusters compressed.`,
+)
+out.push('')
+out.push(
+  `Each figure is the median of ${meta.reps} runs; fio runs ${meta.fio_runtime} s each; ` +
+    `random reads use ${meta.fio_cache}.` +
+    (meta.qcow2fs_opts ? ` qcow2fs mount options: \`${meta.qcow2fs_opts}\`.` : ''),
+)
+if (meta.cpu_profile === '1') {
+  out.push('')
+  out.push('**The qcow2fs servers ran under `node --cpu-prof`: these figures are not representative.**')
+}
+out.push('')
+out.push('| Case | Image | qsd FUSE export | qcow2fs | qcow2fs / qsd | Goal | no-I/O ceiling |')
+out.push('|---|---|---:|---:|---:|---|---:|')
+for (const c of CASES) {
+  for (const image of IMAGES) {
+    const qsd = medianOf(c.id, 'qsd', image)
+    const ours = medianOf(c.id, 'qcow2fs', image)
+    const zero = medianOf(c.id, 'zero', 'none')
+    const ratio = qsd && ours ? ours / qsd : undefined
+    const goal = GOALS.get(`${c.id}/${image}`)
+    let goalText = ''
+    if (goal !== undefined) goalText = ratio === undefined ? `>= ${goal.toFixed(1)}x` : `>= ${goal.toFixed(1)}x: ${ratio >= goal ? 'met' : '**missed**'}`
+    out.push(
+      `| ${c.label} (${c.unit}) | ${image} | ${formatValue(qsd, c.unit)} | ${formatValue(ours, c.unit)} | ` +
+        `${ratio === undefined ? 'n/a' : ratio.toFixed(2) + 'x'} | ${goalText} | ${formatValue(zero, c.unit)} |`,
+    )
+  }
+}
+out.push('')
+out.push('All samples, in run order:')
+out.push('')
+out.push('| Case | Target | Image | Samples | Median |')
+out.push('|---|---|---|---|---:|')
+for (const c of CASES) {
+  for (const [kind, images] of [['qsd', IMAGES], ['qcow2fs', IMAGES], ['zero', ['none']]]) {
+    for (const image of images) {
+      const values = samples.get(`${c.id}|${kind}|${image}`)
+      if (!values) continue
+      out.push(
+        `| ${c.id} (${c.unit}) | ${KIND_NAMES[kind]} | ${image === 'none' ? '-' : image} | ` +
+          `${values.map((v) => formatValue(v, c.unit)).join(', ')} | ${formatValue(median(values), c.unit)} |`,
+      )
+    }
+  }
+}
+const report = out.join('\n') + '\n'
+
+writeFileSync(args.out, `# qcow2fs benchmark: latest run\n\n${report}`)
+process.stdout.write(`\n${report}\n`)
+
+if (args.doc) {
+  const doc = readFileSync(args.doc, 'utf8')
+  const begin = doc.indexOf(BEGIN_MARKER)
+  const end = doc.indexOf(END_MARKER)
+  if (begin < 0 || end < begin) fail(`${args.doc} lacks the ${BEGIN_MARKER} ... ${END_MARKER} markers`)
+  const updated = doc.slice(0, begin + BEGIN_MARKER.length) + '\n' + report + doc.slice(end)
+  writeFileSync(args.doc, updated)
+}

@@ -1,0 +1,390 @@
+#!/usr/bin/env bash
+#
+# make bench: read throughput of qcow2fs compared with qemu-storage-daemon's FUSE export of the
+# same qcow2 image, measured in the same run, plus a no-I/O FUSE server (bench/zero-fuse.mjs)
+# that shows the ceiling of the FUSE binding itself.
+#
+# Images (cached in the work dir between runs): 1 GiB of mixed data (machine code from /usr and
+# pseudo-random blocks, see bench/make-data.mjs) converted to a fully allocated qcow2 image and
+# to a compressed one (qemu-img convert -c), both with 64 KiB clusters.
+#
+# Cases, each run BENCH_REPS times per target (interleaved across targets), median reported:
+#   seq-cold   dd bs=1M of the whole raw view after `sync; echo 3 > drop_caches`
+#   seq-warm   the same, but with the qcow2 file read back into the host page cache first
+#   rand-qd1   fio 4 KiB random read, psync, iodepth 1, time based
+#   rand-qd16  fio 4 KiB random read, libaio, iodepth 16, time based
+# The random cases run with the image file in the host page cache and the raw view cold, and
+# use O_DIRECT when every target accepts it (else --invalidate=1 after dropping caches).
+#
+# Environment knobs (defaults in brackets):
+#   BENCH_WORK_DIR [.tmp/bench]     images, mountpoints, logs (needs ~3 GiB free)
+#   BENCH_REPS [3]                  repetitions of each measurement
+#   BENCH_FIO_RUNTIME [20]          seconds per fio run
+#   BENCH_IMAGE_MIB [1024]          guest size of the images
+#   BENCH_QCOW2FS_OPTS []           extra arguments for `qcow2fs mount`, e.g. "-o ro"
+#   BENCH_TARGETS [qcow2fs qsd zero]  which servers to measure; a partial run never updates the doc
+#   BENCH_UPDATE_DOC [1]            0: do not rewrite the results section of docs/PERFORMANCE.md
+#   BENCH_CPU_PROFILE [0]           1: run the qcow2fs servers with node --cpu-prof (slower;
+#                                   profiles land in the work dir; never use for the doc figures)
+#
+# Requires root (drop_caches, FUSE mounts), qemu-img, qemu-storage-daemon, fio, fusermount.
+set -euo pipefail
+
+ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench}
+REPS=${BENCH_REPS:-3}
+FIO_RUNTIME_S=${BENCH_FIO_RUNTIME:-20}
+IMAGE_MIB=${BENCH_IMAGE_MIB:-1024}
+QCOW2FS_OPTS=${BENCH_QCOW2FS_OPTS:-}
+UPDATE_DOC=${BENCH_UPDATE_DOC:-1}
+CPU_PROFILE=${BENCH_CPU_PROFILE:-0}
+TARGET_KINDS=" ${BENCH_TARGETS:-qcow2fs qsd zero} "
+MOUNT_TIMEOUT_S=30
+RESULTS_DIR=$ROOT/bench/results
+CLI=$ROOT/dist/cli/main.js
+
+IMAGE_DIR=$WORK_DIR/images
+MNT_ROOT=$WORK_DIR/mnt
+LOG_DIR=$WORK_DIR/logs
+SAMPLES=$WORK_DIR/samples.tsv
+META=$WORK_DIR/meta.env
+DATA_RAW=$IMAGE_DIR/data.raw
+IMAGE_BYTES=$((IMAGE_MIB * 1024 * 1024))
+# Bump when make-data.mjs or the conversion options change, so cached images are rebuilt.
+IMAGE_RECIPE="v1 size=${IMAGE_MIB}MiB cluster=64KiB"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: every process started and every mount made is registered here and undone on exit,
+# whatever the exit path.
+
+PIDS=()        # server processes we started
+MOUNTS=()      # mountpoints (directories or, for qsd, regular files) that may be mounted
+QCOW2FS_MNTS=() # mountpoints to unmount with `qcow2fs unmount` first
+
+is_mounted() { findmnt -rn --mountpoint "$1" >/dev/null 2>&1; }
+
+stop_pid() {
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  log "process $pid ignored SIGTERM; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? mnt pid
+  trap - EXIT INT TERM
+  set +e
+  for mnt in "${QCOW2FS_MNTS[@]}"; do
+    if is_mounted "$mnt"; then
+      timeout 20 node "$CLI" unmount "$mnt" >>"$LOG_DIR/unmount.log" 2>&1 ||
+        log "qcow2fs unmount $mnt failed (see $LOG_DIR/unmount.log); forcing"
+    fi
+  done
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+  for mnt in "${MOUNTS[@]}"; do
+    if is_mounted "$mnt"; then
+      log "forcing unmount of $mnt"
+      fusermount -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+    fi
+  done
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------
+# Preconditions
+
+[[ $(id -u) -eq 0 ]] || die "run as root: the benchmark drops the page cache and mounts FUSE filesystems"
+for tool in node npx qemu-img qemu-storage-daemon fio fusermount findmnt dd cmp; do
+  command -v "$tool" >/dev/null || die "$tool is not installed (qemu-utils, qemu-system-common, fio, fuse)"
+done
+[[ -e /dev/fuse ]] || die "/dev/fuse is missing"
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPS must be a positive integer"
+[[ $FIO_RUNTIME_S =~ ^[1-9][0-9]*$ ]] || die "BENCH_FIO_RUNTIME must be a positive integer"
+[[ $IMAGE_MIB =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGE_MIB must be a positive integer"
+
+mkdir -p "$IMAGE_DIR" "$MNT_ROOT" "$LOG_DIR" "$RESULTS_DIR"
+# A previous run that was killed hard may have left mounts behind.
+for stale in "$MNT_ROOT"/*; do
+  [[ -e $stale ]] || continue
+  if is_mounted "$stale"; then
+    log "removing stale mount $stale"
+    fusermount -uz "$stale" 2>/dev/null || umount -l "$stale" || true
+  fi
+done
+rm -rf "${MNT_ROOT:?}"/* "$LOG_DIR"/*
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+for kind in $TARGET_KINDS; do
+  [[ $kind == qcow2fs || $kind == qsd || $kind == zero ]] || die "unknown kind in BENCH_TARGETS: $kind"
+done
+wants() { [[ $TARGET_KINDS == *" $1 "* ]]; }
+if ! wants qcow2fs || ! wants qsd || ! wants zero; then
+  log "partial run (BENCH_TARGETS=$BENCH_TARGETS): docs/PERFORMANCE.md is left alone"
+  UPDATE_DOC=0
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+if ! wants qcow2fs; then
+  :
+elif [[ ! -f $CLI ]] || [[ -n $(find lib cli tsconfig.json -newer "$CLI" \( -name '*.ts' -o -name tsconfig.json \) 2>/dev/null | head -n 1) ]]; then
+  log "building (npx tsc -p tsconfig.json)"
+  npx tsc -p tsconfig.json
+fi
+if wants qcow2fs; then [[ -f $CLI ]] || die "build did not produce $CLI"; fi
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+ALLOCATED=$IMAGE_DIR/allocated.qcow2
+COMPRESSED=$IMAGE_DIR/compressed.qcow2
+
+if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$IMAGE_RECIPE" || ! -f $DATA_RAW || ! -f $ALLOCATED || ! -f $COMPRESSED ]]; then
+  rm -f "$IMAGE_DIR/recipe" "$DATA_RAW" "$ALLOCATED" "$COMPRESSED"
+  avail_kib=$(df -Pk "$IMAGE_DIR" | awk 'NR==2 {print $4}')
+  need_kib=$((IMAGE_MIB * 1024 * 5 / 2 + 256 * 1024))
+  ((avail_kib >= need_kib)) || die "$IMAGE_DIR needs $((need_kib / 1024)) MiB free, has $((avail_kib / 1024)) MiB (set BENCH_WORK_DIR)"
+  log "generating ${IMAGE_MIB} MiB of test data"
+  node bench/make-data.mjs "$DATA_RAW" "$IMAGE_MIB"
+  log "converting to a fully allocated qcow2 image"
+  qemu-img convert -f raw -O qcow2 -o cluster_size=65536 -S 0 "$DATA_RAW" "$ALLOCATED"
+  log "converting to a compressed qcow2 image (takes a while)"
+  qemu-img convert -W -m 4 -f raw -O qcow2 -o cluster_size=65536 -c "$DATA_RAW" "$COMPRESSED"
+  # Every guest cluster must be allocated in both images, or the benchmark reads holes.
+  for img in "$ALLOCATED" "$COMPRESSED"; do
+    qemu-img check -q "$img" || die "qemu-img check failed for $img"
+    holes=$(qemu-img map --output=json "$img" | node -e '
+      let text = ""
+      process.stdin.on("data", (chunk) => (text += chunk)).on("end", () => {
+        const extents = JSON.parse(text)
+        console.log(extents.filter((e) => !e.data || e.zero || e.depth !== 0).length)
+      })')
+    [[ $holes -eq 0 ]] || die "$img has $holes unallocated or zero extents"
+  done
+  echo "$IMAGE_RECIPE" >"$IMAGE_DIR/recipe"
+else
+  log "reusing images in $IMAGE_DIR"
+fi
+compressed_pct=$(qemu-img check "$COMPRESSED" 2>/dev/null | sed -n 's/.* \([0-9.]*\)% compressed clusters.*/\1/p')
+
+# ---------------------------------------------------------------------------------------------
+# Targets. Each target is "KIND|IMAGE_LABEL|RAW_VIEW|HOST_IMAGE" (HOST_IMAGE "-" for none).
+
+TARGETS=()
+
+wait_mounted() { # MOUNTPOINT FILE PID LOGFILE WHAT
+  local mountpoint=$1 file=$2 pid=$3 logfile=$4 what=$5 rc
+  local deadline=$((SECONDS + MOUNT_TIMEOUT_S))
+  until is_mounted "$mountpoint" && [[ -e $file ]]; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rc=0
+      wait "$pid" || rc=$?
+      if ((rc != 0)); then
+        cat "$logfile" >&2 || true
+        die "$what exited with status $rc before mounting"
+      fi
+    fi
+    ((SECONDS < deadline)) || { cat "$logfile" >&2 || true; die "$what did not mount $file within ${MOUNT_TIMEOUT_S}s"; }
+    sleep 0.1
+  done
+}
+
+start_qcow2fs() { # LABEL IMAGE
+  local label=$1 image=$2 mnt=$MNT_ROOT/qcow2fs-$1 logfile=$LOG_DIR/qcow2fs-$1.log pid stem
+  stem=$(basename "$image" .qcow2)
+  mkdir -p "$mnt"
+  MOUNTS+=("$mnt")
+  QCOW2FS_MNTS+=("$mnt")
+  local node_args=()
+  if [[ $CPU_PROFILE == 1 ]]; then
+    mkdir -p "$WORK_DIR/profiles"
+    node_args=(--cpu-prof --cpu-prof-dir="$WORK_DIR/profiles" --cpu-prof-name="qcow2fs-$label.cpuprofile")
+  fi
+  # shellcheck disable=SC2086 # QCOW2FS_OPTS is a list of words on purpose
+  node "${node_args[@]}" "$CLI" mount $QCOW2FS_OPTS "$image" "$mnt" >"$logfile" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  wait_mounted "$mnt" "$mnt/$stem.raw" "$pid" "$logfile" "qcow2fs mount $image"
+  TARGETS+=("qcow2fs|$label|$mnt/$stem.raw|$image")
+  log "qcow2fs: $mnt/$stem.raw"
+}
+
+start_qsd() { # LABEL IMAGE
+  local label=$1 image=$2 file=$MNT_ROOT/qsd-$1.raw logfile=$LOG_DIR/qsd-$1.log pid
+  : >"$file" # the FUSE export mounts over an existing regular file
+  MOUNTS+=("$file")
+  # Commas in QEMU option values are escaped by doubling them.
+  qemu-storage-daemon \
+    --blockdev "driver=file,node-name=file,filename=${image//,/,,},read-only=on,aio=threads,cache.direct=off" \
+    --blockdev "driver=qcow2,node-name=qcow2,file=file,read-only=on" \
+    --export "type=fuse,id=exp,node-name=qcow2,mountpoint=${file//,/,,},writable=off" \
+    >"$logfile" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  wait_mounted "$file" "$file" "$pid" "$logfile" "qemu-storage-daemon ($image)"
+  TARGETS+=("qsd|$label|$file|$image")
+  log "qsd: $file"
+}
+
+start_zero() {
+  local mnt=$MNT_ROOT/zero logfile=$LOG_DIR/zero.log pid
+  mkdir -p "$mnt"
+  MOUNTS+=("$mnt")
+  node bench/zero-fuse.mjs "$mnt" "$IMAGE_BYTES" >"$logfile" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  wait_mounted "$mnt" "$mnt/zero.raw" "$pid" "$logfile" "zero-fuse"
+  TARGETS+=("zero|none|$mnt/zero.raw|-")
+  log "no-I/O server: $mnt/zero.raw"
+}
+
+if wants qsd; then start_qsd allocated "$ALLOCATED"; fi
+if wants qcow2fs; then start_qcow2fs allocated "$ALLOCATED"; fi
+if wants qsd; then start_qsd compressed "$COMPRESSED"; fi
+if wants qcow2fs; then start_qcow2fs compressed "$COMPRESSED"; fi
+if wants zero; then start_zero; fi
+
+# ---------------------------------------------------------------------------------------------
+# Correctness gate: a fast wrong answer is not a result. Every raw view must equal the data.
+
+for target in "${TARGETS[@]}"; do
+  IFS="|" read -r kind label file _ <<<"$target"
+  size=$(stat -c %s "$file")
+  [[ $size -eq $IMAGE_BYTES ]] || die "$kind/$label: $file is $size bytes, expected $IMAGE_BYTES"
+  if [[ $kind == zero ]]; then
+    cmp -n "$IMAGE_BYTES" "$file" /dev/zero >/dev/null || die "$kind: $file does not read as zeros"
+  else
+    cmp "$file" "$DATA_RAW" >/dev/null || die "$kind/$label: $file differs from the source data"
+  fi
+done
+log "all raw views match the source data"
+
+# O_DIRECT on FUSE depends on the server; use it for fio only if every target accepts it.
+FIO_CACHE_FLAGS=(--direct=1)
+FIO_CACHE_NOTE="O_DIRECT (--direct=1)"
+for target in "${TARGETS[@]}"; do
+  IFS="|" read -r kind label file _ <<<"$target"
+  if ! dd if="$file" of=/dev/null bs=4096 count=1 iflag=direct status=none 2>>"$LOG_DIR/direct-probe.log"; then
+    log "$kind/$label rejects O_DIRECT; fio runs buffered with --invalidate=1"
+    FIO_CACHE_FLAGS=(--invalidate=1)
+    FIO_CACHE_NOTE="buffered, --invalidate=1 after dropping caches (a target rejected O_DIRECT)"
+  fi
+done
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+CASES=(seq-cold seq-warm rand-qd1 rand-qd16)
+
+prepare_caches() { # CASE HOST_IMAGE
+  drop_caches
+  if [[ $1 != seq-cold && $2 != - ]]; then
+    cat "$2" >/dev/null
+  fi
+}
+
+measure_dd() { # FILE -> MB/s (10^6 bytes per second)
+  local out line
+  out=$(LC_ALL=C dd if="$1" of=/dev/null bs=1M 2>&1) || die "dd of $1 failed: $out"
+  line=$(tail -n 1 <<<"$out")
+  [[ $line =~ ^([0-9]+)\ bytes.*copied,\ ([0-9.e+-]+)\ s ]] || die "cannot parse dd output: $line"
+  [[ ${BASH_REMATCH[1]} -eq $IMAGE_BYTES ]] || die "dd read ${BASH_REMATCH[1]} of $IMAGE_BYTES bytes from $1"
+  awk -v bytes="${BASH_REMATCH[1]}" -v secs="${BASH_REMATCH[2]}" 'BEGIN { printf "%.1f\n", bytes / secs / 1e6 }'
+}
+
+measure_fio() { # FILE ENGINE IODEPTH JSON_OUT -> IOPS
+  local file=$1 engine=$2 depth=$3 json=$4
+  fio --name=randread --filename="$file" --readonly --rw=randread --bs=4k \
+    --ioengine="$engine" --iodepth="$depth" "${FIO_CACHE_FLAGS[@]}" \
+    --runtime="$FIO_RUNTIME_S" --time_based --norandommap --randrepeat=0 \
+    --output-format=json --output="$json" >/dev/null 2>"$json.stderr" ||
+    die "fio on $file failed: $(cat "$json.stderr" "$json" 2>/dev/null | tail -n 5)"
+  node -e '
+    const fs = require("node:fs")
+    const report = JSON.parse(fs.readFileSync(process.argv[1], "utf8"))
+    const job = report.jobs[0]
+    if (!job || job.error !== 0 || !(job.read.total_ios > 0)) {
+      console.error("fio job failed: " + JSON.stringify(job && { error: job.error, ios: job.read.total_ios }))
+      process.exit(1)
+    }
+    console.log(job.read.iops.toFixed(1))' "$json" || die "bad fio result in $json"
+}
+
+printf 'rep\tcase\tkind\timage\tvalue\n' >"$SAMPLES"
+runs_per_rep=$((${#CASES[@]} * ${#TARGETS[@]}))
+log "measuring: ${#TARGETS[@]} targets x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
+for rep in $(seq "$REPS"); do
+  # Alternate the target order between repetitions so drift does not favour one target.
+  order=("${TARGETS[@]}")
+  if ((rep % 2 == 0)); then
+    order=()
+    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
+  fi
+  for case_name in "${CASES[@]}"; do
+    for target in "${order[@]}"; do
+      IFS="|" read -r kind label file host_image <<<"$target"
+      prepare_caches "$case_name" "$host_image"
+      case $case_name in
+        seq-*) value=$(measure_dd "$file") ;;
+        rand-qd1) value=$(measure_fio "$file" psync 1 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
+        rand-qd16) value=$(measure_fio "$file" libaio 16 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
+      esac
+      printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$case_name" "$kind" "$label" "$value" >>"$SAMPLES"
+      log "rep $rep/$REPS $case_name $kind/$label: $value"
+    done
+  done
+done
+
+# Every raw view must still be mounted (a server that crashed mid-run invalidates the run).
+for target in "${TARGETS[@]}"; do
+  IFS="|" read -r kind label file _ <<<"$target"
+  [[ -e $file ]] || die "$kind/$label: $file vanished during the run"
+done
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+git_rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev="$git_rev + uncommitted changes"; fi
+{
+  printf 'date=%s\n' "$(date -u +'%Y-%m-%d %H:%M UTC')"
+  printf 'git=%s\n' "$git_rev"
+  printf 'cpu=%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
+  printf 'nproc=%s\n' "$(nproc)"
+  printf 'memory=%s\n' "$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  printf 'kernel=%s\n' "$(uname -sr)"
+  printf 'node=%s\n' "$(node --version)"
+  printf 'qemu=%s\n' "$(qemu-storage-daemon --version | head -n 1)"
+  printf 'fio=%s\n' "$(fio --version)"
+  printf 'fuse_native=%s\n' "$(node -p 'require("./node_modules/fuse-native/package.json").version')"
+  printf 'image_mib=%s\n' "$IMAGE_MIB"
+  printf 'allocated_bytes=%s\n' "$(stat -c %s "$ALLOCATED")"
+  printf 'compressed_bytes=%s\n' "$(stat -c %s "$COMPRESSED")"
+  printf 'compressed_pct=%s\n' "$compressed_pct"
+  printf 'reps=%s\n' "$REPS"
+  printf 'fio_runtime=%s\n' "$FIO_RUNTIME_S"
+  printf 'fio_cache=%s\n' "$FIO_CACHE_NOTE"
+  printf 'qcow2fs_opts=%s\n' "$QCOW2FS_OPTS"
+  printf 'cpu_profile=%s\n' "$CPU_PROFILE"
+} >"$META"
+
+report_args=(--samples "$SAMPLES" --meta "$META" --out "$RESULTS_DIR/latest.md")
+if [[ $UPDATE_DOC == 1 ]]; then report_args+=(--doc "$ROOT/docs/PERFORMANCE.md"); fi
+node bench/report.mjs "${report_args[@]}"
+cp "$SAMPLES" "$RESULTS_DIR/latest-samples.tsv"
+log "results: bench/results/latest.md$([[ $UPDATE_DOC == 1 ]] && echo ', docs/PERFORMANCE.md')"
