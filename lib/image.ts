@@ -153,6 +153,11 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     this.readSync(buf, guestOffset)
   }
 
+  /** Read-path counters (clusters inflated so far). */
+  readStats(): { clustersInflated: number } {
+    return this.#readPath.stats()
+  }
+
   async write(_buf: Uint8Array, _guestOffset: number): Promise<void> {
     if (this.#closed) throw new ClosedError()
     throw new ReadOnlyError(`'${this.path}' is open read-only`)

@@ -47,6 +47,7 @@ export class ReadPath {
   #compressionType: number
   #decompressed: LRUCache<number, Uint8Array>
   #compressedInput: Uint8Array
+  #clustersInflated = 0
 
   constructor(options: ReadPathOptions) {
     this.#g = options.geometry
@@ -84,6 +85,11 @@ export class ReadPath {
       }
       done += run.bytes
     }
+  }
+
+  /** Counters for tests and logs. */
+  stats(): { clustersInflated: number } {
+    return { clustersInflated: this.#clustersInflated }
   }
 
   #readData(out: Uint8Array, hostOffset: number): void {
@@ -126,6 +132,7 @@ export class ReadPath {
       }
       throw err
     }
+    this.#clustersInflated++
     this.#decompressed.set(hostOffset, cluster)
     return cluster
   }
