@@ -107,7 +107,8 @@ out.push('')
 out.push(
   `Each figure is the median of ${meta.reps} runs; fio runs ${meta.fio_runtime} s each; ` +
     `random reads use ${meta.fio_cache}.` +
-    (meta.qcow2fs_opts ? ` qcow2fs mount options: \`${meta.qcow2fs_opts}\`.` : ''),
+    (meta.qcow2fs_opts ? ` qcow2fs mount options: \`${meta.qcow2fs_opts}\`.` : '') +
+    (meta.zero_options ? ` The no-I/O server mounts with \`${meta.zero_options}\`.` : ''),
 )
 if (meta.cpu_profile === '1') {
   out.push('')

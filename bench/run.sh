@@ -241,11 +241,28 @@ start_qsd() { # LABEL IMAGE
   log "qsd: $file"
 }
 
+# The kernel options qcow2fs mounts with (its default tuning, read-only), so that the no-I/O
+# server differs from qcow2fs only in what happens inside a read.
+qcow2fs_option_string() {
+  node --input-type=module -e '
+    const { buildOptionString } = await import(process.argv[1] + "/dist/lib/fuse/native.js")
+    const { DEFAULT_KERNEL_TUNING } = await import(process.argv[1] + "/dist/lib/fuse/adapter.js")
+    console.log(buildOptionString({ ...DEFAULT_KERNEL_TUNING, name: "zero-fuse", readOnly: true, allowOther: false }))
+  ' "$ROOT" 2>>"$LOG_DIR/zero.log"
+}
+
 start_zero() {
-  local mnt=$MNT_ROOT/zero logfile=$LOG_DIR/zero.log pid
+  local mnt=$MNT_ROOT/zero logfile=$LOG_DIR/zero.log pid options=
   mkdir -p "$mnt"
   MOUNTS+=("$mnt")
-  node bench/zero-fuse.mjs "$mnt" "$IMAGE_BYTES" >"$logfile" 2>&1 &
+  if [[ -f $ROOT/dist/lib/fuse/native.js ]]; then
+    options=$(qcow2fs_option_string) || {
+      log "cannot read qcow2fs's FUSE options from dist/ (see $logfile); zero-fuse uses its defaults"
+      options=
+    }
+  fi
+  ZERO_OPTIONS=${options:-zero-fuse defaults}
+  node bench/zero-fuse.mjs "$mnt" "$IMAGE_BYTES" ${options:+"$options"} >"$logfile" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   wait_mounted "$mnt" "$mnt/zero.raw" "$pid" "$logfile" "zero-fuse"
@@ -380,6 +397,7 @@ if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev
   printf 'fio_runtime=%s\n' "$FIO_RUNTIME_S"
   printf 'fio_cache=%s\n' "$FIO_CACHE_NOTE"
   printf 'qcow2fs_opts=%s\n' "$QCOW2FS_OPTS"
+  printf 'zero_options=%s\n' "${ZERO_OPTIONS:-}"
   printf 'cpu_profile=%s\n' "$CPU_PROFILE"
 } >"$META"
 

@@ -5,20 +5,41 @@
  * Measured with the same dd/fio commands as the real targets, it shows what the FUSE
  * binding and the kernel round trip cost on their own, i.e. the ceiling for qcow2fs.
  *
- * Usage: node bench/zero-fuse.mjs MOUNTPOINT SIZE_BYTES
+ * Usage: node bench/zero-fuse.mjs MOUNTPOINT SIZE_BYTES [FUSE_OPTION_STRING]
  * Prints the file path once mounted; unmounts on SIGINT/SIGTERM.
+ *
+ * FUSE_OPTION_STRING is the '-o...' string given to libfuse; bench/run.sh passes the one
+ * qcow2fs builds for its own mounts (buildOptionString with DEFAULT_KERNEL_TUNING), so both
+ * servers run with the same kernel settings. Without it, DEFAULT_OPTIONS below is used.
  */
 import Fuse from 'fuse-native'
 
 const FILE_NAME = 'zero.raw'
+/** 128 KiB requests and readahead, page cache kept across opens, read-only. */
+const DEFAULT_OPTIONS =
+  '-ofsname=zero-fuse,subtype=zero-fuse,default_permissions,max_read=131072,max_readahead=131072,kernel_cache,ro'
+
+/** fuse-native builds its option string from a fixed set of flags; this takes a whole string. */
+class ZeroFuse extends Fuse {
+  constructor(mountpoint, ops, optionString) {
+    super(mountpoint, ops, { force: true })
+    this.optionString = optionString
+  }
+
+  _fuseOptions() {
+    return this.optionString
+  }
+}
 
 function fail(message, exitCode = 1) {
   process.stderr.write(`zero-fuse: ${message}\n`)
   process.exit(exitCode)
 }
 
-const [mountpoint, sizeArg] = process.argv.slice(2)
-if (!mountpoint || !sizeArg) fail('usage: node bench/zero-fuse.mjs MOUNTPOINT SIZE_BYTES', 2)
+const [mountpoint, sizeArg, optionArg] = process.argv.slice(2)
+if (!mountpoint || !sizeArg) fail('usage: node bench/zero-fuse.mjs MOUNTPOINT SIZE_BYTES [FUSE_OPTION_STRING]', 2)
+const optionString = optionArg || DEFAULT_OPTIONS
+if (!optionString.startsWith('-o')) fail(`FUSE_OPTION_STRING must start with -o: ${optionString}`, 2)
 const sizeBytes = Number(sizeArg)
 if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) fail(`bad SIZE_BYTES: ${sizeArg}`, 2)
 
@@ -57,7 +78,7 @@ const ops = {
   },
 }
 
-const fuse = new Fuse(mountpoint, ops, { force: true, fsname: 'zero-fuse', subtype: 'zero-fuse' })
+const fuse = new ZeroFuse(mountpoint, ops, optionString)
 
 fuse.mount((err) => {
   if (err) fail(`mount failed: ${err.message}`)
