@@ -27,7 +27,12 @@ const GOALS = new Map([
   ['seq-cold/allocated', 1.2],
   ['seq-cold/compressed', 1.0],
 ])
-const KIND_NAMES = { qcow2fs: 'qcow2fs', qsd: 'qsd FUSE export', zero: 'no-I/O fuse-native server' }
+const KIND_NAMES = {
+  qcow2fs: 'qcow2fs',
+  qsd: 'qsd FUSE export',
+  engine: 'qcow2fs engine alone (no FUSE)',
+  zero: 'no-I/O fuse-native server',
+}
 
 function fail(message) {
   process.stderr.write(`report: ${message}\n`)
@@ -110,25 +115,34 @@ out.push(
     (meta.qcow2fs_opts ? ` qcow2fs mount options: \`${meta.qcow2fs_opts}\`.` : '') +
     (meta.zero_options ? ` The no-I/O server mounts with \`${meta.zero_options}\`.` : ''),
 )
+out.push('')
+out.push(
+  '"engine alone" reads the qcow2 file through the qcow2fs engine in-process (bench/engine-read.mjs: ' +
+    `128 KiB requests for the sequential cases, 4 KiB random reads for ${meta.engine_random_s} s ` +
+    'with 1 or 16 in flight); "no-I/O FUSE ceiling" is bench/zero-fuse.mjs, a fuse-native server ' +
+    'answering every read with zeros, measured with the same dd and fio commands as the mounts.',
+)
 if (meta.cpu_profile === '1') {
   out.push('')
   out.push('**The qcow2fs servers ran under `node --cpu-prof`: these figures are not representative.**')
 }
 out.push('')
-out.push('| Case | Image | qsd FUSE export | qcow2fs | qcow2fs / qsd | Goal | no-I/O ceiling |')
-out.push('|---|---|---:|---:|---:|---|---:|')
+out.push('| Case | Image | qsd FUSE export | qcow2fs | qcow2fs / qsd | Goal | engine alone | no-I/O FUSE ceiling |')
+out.push('|---|---|---:|---:|---:|---|---:|---:|')
 for (const c of CASES) {
   for (const image of IMAGES) {
     const qsd = medianOf(c.id, 'qsd', image)
     const ours = medianOf(c.id, 'qcow2fs', image)
     const zero = medianOf(c.id, 'zero', 'none')
+    const engine = medianOf(c.id, 'engine', image)
     const ratio = qsd && ours ? ours / qsd : undefined
     const goal = GOALS.get(`${c.id}/${image}`)
     let goalText = ''
     if (goal !== undefined) goalText = ratio === undefined ? `>= ${goal.toFixed(1)}x` : `>= ${goal.toFixed(1)}x: ${ratio >= goal ? 'met' : '**missed**'}`
     out.push(
       `| ${c.label} (${c.unit}) | ${image} | ${formatValue(qsd, c.unit)} | ${formatValue(ours, c.unit)} | ` +
-        `${ratio === undefined ? 'n/a' : ratio.toFixed(2) + 'x'} | ${goalText} | ${formatValue(zero, c.unit)} |`,
+        `${ratio === undefined ? 'n/a' : ratio.toFixed(2) + 'x'} | ${goalText} | ${formatValue(engine, c.unit)} | ` +
+        `${formatValue(zero, c.unit)} |`,
     )
   }
 }
@@ -138,7 +152,7 @@ out.push('')
 out.push('| Case | Target | Image | Samples | Median |')
 out.push('|---|---|---|---|---:|')
 for (const c of CASES) {
-  for (const [kind, images] of [['qsd', IMAGES], ['qcow2fs', IMAGES], ['zero', ['none']]]) {
+  for (const [kind, images] of [['qsd', IMAGES], ['qcow2fs', IMAGES], ['engine', IMAGES], ['zero', ['none']]]) {
     for (const image of images) {
       const values = samples.get(`${c.id}|${kind}|${image}`)
       if (!values) continue

@@ -22,7 +22,8 @@
 #   BENCH_FIO_RUNTIME [20]          seconds per fio run
 #   BENCH_IMAGE_MIB [1024]          guest size of the images
 #   BENCH_QCOW2FS_OPTS []           extra arguments for `qcow2fs mount`, e.g. "-o ro"
-#   BENCH_TARGETS [qcow2fs qsd zero]  which servers to measure; a partial run never updates the doc
+#   BENCH_TARGETS [qcow2fs qsd engine zero]  what to measure (engine: qcow2fs's engine without
+#                                   FUSE, bench/engine-read.mjs); a partial run never updates the doc
 #   BENCH_UPDATE_DOC [1]            0: do not rewrite the results section of docs/PERFORMANCE.md
 #   BENCH_CPU_PROFILE [0]           1: run the qcow2fs servers with node --cpu-prof (slower;
 #                                   profiles land in the work dir; never use for the doc figures)
@@ -40,7 +41,7 @@ IMAGE_MIB=${BENCH_IMAGE_MIB:-1024}
 QCOW2FS_OPTS=${BENCH_QCOW2FS_OPTS:-}
 UPDATE_DOC=${BENCH_UPDATE_DOC:-1}
 CPU_PROFILE=${BENCH_CPU_PROFILE:-0}
-TARGET_KINDS=" ${BENCH_TARGETS:-qcow2fs qsd zero} "
+TARGET_KINDS=" ${BENCH_TARGETS:-qcow2fs qsd engine zero} "
 MOUNT_TIMEOUT_S=30
 RESULTS_DIR=$ROOT/bench/results
 CLI=$ROOT/dist/cli/main.js
@@ -129,10 +130,10 @@ rm -rf "${MNT_ROOT:?}"/* "$LOG_DIR"/*
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 for kind in $TARGET_KINDS; do
-  [[ $kind == qcow2fs || $kind == qsd || $kind == zero ]] || die "unknown kind in BENCH_TARGETS: $kind"
+  [[ $kind =~ ^(qcow2fs|qsd|engine|zero)$ ]] || die "unknown kind in BENCH_TARGETS: $kind"
 done
 wants() { [[ $TARGET_KINDS == *" $1 "* ]]; }
-if ! wants qcow2fs || ! wants qsd || ! wants zero; then
+if ! wants qcow2fs || ! wants qsd || ! wants engine || ! wants zero; then
   log "partial run (BENCH_TARGETS=$BENCH_TARGETS): docs/PERFORMANCE.md is left alone"
   UPDATE_DOC=0
 fi
@@ -140,13 +141,13 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Build
 
-if ! wants qcow2fs; then
+if ! wants qcow2fs && ! wants engine; then
   :
 elif [[ ! -f $CLI ]] || [[ -n $(find lib cli tsconfig.json -newer "$CLI" \( -name '*.ts' -o -name tsconfig.json \) 2>/dev/null | head -n 1) ]]; then
   log "building (npx tsc -p tsconfig.json)"
   npx tsc -p tsconfig.json
 fi
-if wants qcow2fs; then [[ -f $CLI ]] || die "build did not produce $CLI"; fi
+if wants qcow2fs || wants engine; then [[ -f $CLI ]] || die "build did not produce $CLI"; fi
 
 # ---------------------------------------------------------------------------------------------
 # Images
@@ -303,6 +304,13 @@ for target in "${TARGETS[@]}"; do
   fi
 done
 
+# The qcow2fs engine without FUSE (bench/engine-read.mjs), for splitting the mount's figures
+# into engine time and FUSE round trip. Random cases run ENGINE_RANDOM_S seconds.
+ENGINE_RANDOM_S=5
+if wants engine; then
+  TARGETS+=("engine|allocated|-|$ALLOCATED" "engine|compressed|-|$COMPRESSED")
+fi
+
 # ---------------------------------------------------------------------------------------------
 # Measurements
 
@@ -342,9 +350,14 @@ measure_fio() { # FILE ENGINE IODEPTH JSON_OUT -> IOPS
     console.log(job.read.iops.toFixed(1))' "$json" || die "bad fio result in $json"
 }
 
+measure_engine() { # MODE IMAGE -> MB/s or IOPS
+  node bench/engine-read.mjs "$1" "$2" "$ENGINE_RANDOM_S" 2>>"$LOG_DIR/engine.log" ||
+    die "engine-read $1 $2 failed (see $LOG_DIR/engine.log)"
+}
+
 printf 'rep\tcase\tkind\timage\tvalue\n' >"$SAMPLES"
 runs_per_rep=$((${#CASES[@]} * ${#TARGETS[@]}))
-log "measuring: ${#TARGETS[@]} targets x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
+log "measuring: ${#TARGETS[@]} targets (engine ones without FUSE) x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
 for rep in $(seq "$REPS"); do
   # Alternate the target order between repetitions so drift does not favour one target.
   order=("${TARGETS[@]}")
@@ -356,10 +369,12 @@ for rep in $(seq "$REPS"); do
     for target in "${order[@]}"; do
       IFS="|" read -r kind label file host_image <<<"$target"
       prepare_caches "$case_name" "$host_image"
-      case $case_name in
-        seq-*) value=$(measure_dd "$file") ;;
-        rand-qd1) value=$(measure_fio "$file" psync 1 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
-        rand-qd16) value=$(measure_fio "$file" libaio 16 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
+      case $kind/$case_name in
+        engine/seq-*) value=$(measure_engine seq "$host_image") ;;
+        engine/rand-*) value=$(measure_engine "$case_name" "$host_image") ;;
+        */seq-*) value=$(measure_dd "$file") ;;
+        */rand-qd1) value=$(measure_fio "$file" psync 1 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
+        */rand-qd16) value=$(measure_fio "$file" libaio 16 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
       esac
       printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$case_name" "$kind" "$label" "$value" >>"$SAMPLES"
       log "rep $rep/$REPS $case_name $kind/$label: $value"
@@ -370,7 +385,7 @@ done
 # Every raw view must still be mounted (a server that crashed mid-run invalidates the run).
 for target in "${TARGETS[@]}"; do
   IFS="|" read -r kind label file _ <<<"$target"
-  [[ -e $file ]] || die "$kind/$label: $file vanished during the run"
+  [[ $kind == engine || -e $file ]] || die "$kind/$label: $file vanished during the run"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +410,7 @@ if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev
   printf 'compressed_pct=%s\n' "$compressed_pct"
   printf 'reps=%s\n' "$REPS"
   printf 'fio_runtime=%s\n' "$FIO_RUNTIME_S"
+  printf 'engine_random_s=%s\n' "$ENGINE_RANDOM_S"
   printf 'fio_cache=%s\n' "$FIO_CACHE_NOTE"
   printf 'qcow2fs_opts=%s\n' "$QCOW2FS_OPTS"
   printf 'zero_options=%s\n' "${ZERO_OPTIONS:-}"
