@@ -14,7 +14,6 @@ import { Qcow2Image } from '../../lib/image.js'
 import { Qcow2Error } from '../../lib/errors.js'
 import {
   ensureBuilt,
-  findQemuTool,
   makeTempDir,
   removeTempDir,
   run,
@@ -22,10 +21,12 @@ import {
   sha256File,
   stderrLines,
 } from './helpers.js'
+import { requireQemu } from '../helpers/qemu.js'
 
-const qemuImg = findQemuTool('qemu-img', 'bad-input tests')
-const qemuIo = findQemuTool('qemu-io', 'bad-input tests')
-const haveQemu = qemuImg !== undefined && qemuIo !== undefined
+const qemu = requireQemu('bad-input tests')
+const haveQemu = qemu !== undefined
+const qemuImg = qemu?.qemuImg
+const qemuIo = qemu?.qemuIo
 
 const TIME_LIMIT_MS = 10_000
 

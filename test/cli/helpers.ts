@@ -1,12 +1,13 @@
 /*
  * Helpers of the CLI tests: run the compiled CLI (building it when it is missing or older than
- * the sources), find qemu-img, make and remove temp dirs, hash files, patch image bytes.
+ * the sources), run a program synchronously, make and remove temp dirs, hash files. qemu-img
+ * is located by test/helpers/qemu.ts (requireQemu).
  */
 import { spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { delimiter, dirname, join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 export const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
@@ -72,29 +73,6 @@ export function runCli(args: string[], options: { cwd?: string; timeoutMs?: numb
 /** Lines of stderr without the final newline's empty tail. */
 export function stderrLines(result: CliResult): string[] {
   return result.stderr.split('\n').filter((line, i, all) => !(i === all.length - 1 && line === ''))
-}
-
-function findInPath(program: string): string | undefined {
-  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
-    if (dir === '') continue
-    const candidate = join(dir, program)
-    if (existsSync(candidate)) return candidate
-  }
-  return undefined
-}
-
-/**
- * Path of a qemu tool, or undefined (after printing why the caller's suite is skipped). When
- * CI is 'true' a missing tool is an error, never a skip.
- */
-export function findQemuTool(program: 'qemu-img' | 'qemu-io', suite: string): string | undefined {
-  const found = findInPath(program)
-  if (found) return found
-  if (process.env.CI === 'true') {
-    throw new Error(`${program} is required in CI (install qemu-utils): ${suite} cannot run`)
-  }
-  console.warn(`skipping ${suite}: ${program} not found in PATH (install qemu-utils)`)
-  return undefined
 }
 
 /** Runs a program, throws with its stderr when it fails; returns stdout. */

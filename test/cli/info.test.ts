@@ -18,17 +18,18 @@ import type { ImageInfo } from '../../lib/image-info.js'
 import { formatSize, formatVmClock } from '../../cli/commands/info.js'
 import {
   ensureBuilt,
-  findQemuTool,
   makeTempDir,
   removeTempDir,
   run,
   runCli,
   sha256File,
 } from './helpers.js'
+import { requireQemu } from '../helpers/qemu.js'
 
-const qemuImg = findQemuTool('qemu-img', 'qcow2fs info vs qemu-img info')
-const qemuIo = findQemuTool('qemu-io', 'qcow2fs info vs qemu-img info')
-const haveQemu = qemuImg !== undefined && qemuIo !== undefined
+const qemu = requireQemu('qcow2fs info vs qemu-img info')
+const haveQemu = qemu !== undefined
+const qemuImg = qemu?.qemuImg
+const qemuIo = qemu?.qemuIo
 
 interface Case {
   name: string
