@@ -610,14 +610,14 @@ describe.skipIf(!qemu)('read matrix: engine vs qemu-img convert -O raw', () => {
       const result = await runNode(cliPath, ['mount', ...images, mnt], 60_000)
       expect(result.code, `qcow2fs mount exited ${result.code}: ${result.stderr}`).toBe(0)
       mounted = isMounted()
-      expect(mounted).toBe(true)
+      expect(mounted, `qcow2fs mount exited 0 but ${mnt} is not in the mount table`).toBe(true)
       const expected = mountViews.map((v) => `${path.basename(v.image, '.qcow2')}.raw`).sort()
       expect((await readdir(mnt)).sort()).toEqual(expected)
       for (const name of expected) expect(result.stdout).toContain(name)
     })
 
     it('shows each raw file with the virtual size as its size', async () => {
-      expect(mounted).toBe(true)
+      expect(mounted, 'not mounted: the mount test failed').toBe(true)
       for (const v of mountViews) {
         const raw = path.join(mnt, `${path.basename(v.image, '.qcow2')}.raw`)
         const qemuRaw = path.join(dir, rawName(v))
@@ -626,7 +626,7 @@ describe.skipIf(!qemu)('read matrix: engine vs qemu-img convert -O raw', () => {
     })
 
     it('reads with dd bs=1M exactly what qemu-img convert gives', async () => {
-      expect(mounted).toBe(true)
+      expect(mounted, 'not mounted: the mount test failed').toBe(true)
       const problems: string[] = []
       for (const v of mountViews) {
         const stem = path.basename(v.image, '.qcow2')
@@ -639,7 +639,7 @@ describe.skipIf(!qemu)('read matrix: engine vs qemu-img convert -O raw', () => {
     })
 
     it('reads with cp exactly what qemu-img convert gives', async () => {
-      expect(mounted).toBe(true)
+      expect(mounted, 'not mounted: the mount test failed').toBe(true)
       const problems: string[] = []
       for (const v of mountViews) {
         const stem = path.basename(v.image, '.qcow2')
@@ -652,7 +652,7 @@ describe.skipIf(!qemu)('read matrix: engine vs qemu-img convert -O raw', () => {
     })
 
     it('unmounts with qcow2fs unmount', async () => {
-      expect(mounted).toBe(true)
+      expect(mounted, 'not mounted: the mount test failed').toBe(true)
       const result = await runNode(cliPath, ['unmount', mnt], 60_000)
       expect(result.code, `qcow2fs unmount exited ${result.code}: ${result.stderr}`).toBe(0)
       expect(isMounted()).toBe(false)
