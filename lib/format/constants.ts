@@ -7,6 +7,29 @@
 
 // ---- Header ("Header" section) ----
 
+/** Byte offsets of the header fields (spec: "Header"). */
+export const HeaderOffset = {
+  magic: 0,
+  version: 4,
+  backingFileOffset: 8,
+  backingFileSize: 16,
+  clusterBits: 20,
+  size: 24,
+  cryptMethod: 32,
+  l1Size: 36,
+  l1TableOffset: 40,
+  refcountTableOffset: 48,
+  refcountTableClusters: 56,
+  snapshotCount: 60,
+  snapshotsOffset: 64,
+  incompatibleFeatures: 72,
+  compatibleFeatures: 80,
+  autoclearFeatures: 88,
+  refcountOrder: 96,
+  headerLength: 100,
+  compressionType: 104,
+} as const
+
 /** magic: "QFI\xfb". */
 export const QCOW_MAGIC = 0x514649fb
 /** version: 2 (compat 0.10) or 3 (compat 1.1). */
@@ -18,8 +41,6 @@ export const V2_HEADER_LENGTH = 72
 export const V3_MIN_HEADER_LENGTH = 104
 /** header_length must be a multiple of 8 (spec: "Must be a multiple of 8"). */
 export const HEADER_LENGTH_ALIGNMENT = 8
-/** Offset of the compression_type additional field (byte 104). */
-export const HEADER_COMPRESSION_TYPE_OFFSET = 104
 
 /** cluster_bits: at least 9 (512 B); QEMU's upper limit is 21 (2 MiB, MAX_CLUSTER_BITS). */
 export const MIN_CLUSTER_BITS = 9

@@ -23,7 +23,7 @@ import {
   FEATURE_NAME_ENTRY_SIZE,
   FEATURE_NAME_MAX_LENGTH,
   FEATURE_TYPE_INCOMPATIBLE,
-  HEADER_COMPRESSION_TYPE_OFFSET,
+  HeaderOffset,
   HEADER_LENGTH_ALIGNMENT,
   INCOMPAT_COMPRESSION_BIT,
   INCOMPAT_CORRUPT_BIT,
@@ -53,6 +53,10 @@ export interface FeatureBits {
 
 export function hasFeatureBit(bits: FeatureBits, bit: number): boolean {
   return bit < 32 ? ((bits.lo >>> bit) & 1) === 1 : ((bits.hi >>> (bit - 32)) & 1) === 1
+}
+
+function featureBitsAt(view: DataView, byteOffset: number): FeatureBits {
+  return { hi: view.getUint32(byteOffset), lo: view.getUint32(byteOffset + 4) }
 }
 
 function setBitsOf(bits: FeatureBits): number[] {
@@ -134,10 +138,10 @@ function corrupt(message: string): CorruptImageError {
 export function parseHeader(bytes: Uint8Array): Qcow2Header {
   if (bytes.length < 4) throw corrupt('not a qcow2 image: file too short for a header')
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength)
-  const magic = view.getUint32(0)
+  const magic = view.getUint32(HeaderOffset.magic)
   if (magic !== QCOW_MAGIC) throw corrupt(`not a qcow2 image: bad magic ${hex(magic)}`)
   if (bytes.length < V2_HEADER_LENGTH) throw corrupt('truncated qcow2 header')
-  const version = view.getUint32(4)
+  const version = view.getUint32(HeaderOffset.version)
   if (version !== QCOW_VERSION_2 && version !== QCOW_VERSION_3) {
     throw new UnsupportedFeatureError(`unsupported qcow2 version ${version}`)
   }
@@ -150,17 +154,17 @@ export function parseHeader(bytes: Uint8Array): Qcow2Header {
   }
   const header: Qcow2Header = {
     version,
-    backingFileOffset: u64(8, 'backing_file_offset'),
-    backingFileSize: view.getUint32(16),
-    clusterBits: view.getUint32(20),
-    virtualSize: u64(24, 'size'),
-    cryptMethod: view.getUint32(32),
-    l1Size: view.getUint32(36),
-    l1TableOffset: u64(40, 'l1_table_offset'),
-    refcountTableOffset: u64(48, 'refcount_table_offset'),
-    refcountTableClusters: view.getUint32(56),
-    snapshotCount: view.getUint32(60),
-    snapshotsOffset: u64(64, 'snapshots_offset'),
+    backingFileOffset: u64(HeaderOffset.backingFileOffset, 'backing_file_offset'),
+    backingFileSize: view.getUint32(HeaderOffset.backingFileSize),
+    clusterBits: view.getUint32(HeaderOffset.clusterBits),
+    virtualSize: u64(HeaderOffset.size, 'size'),
+    cryptMethod: view.getUint32(HeaderOffset.cryptMethod),
+    l1Size: view.getUint32(HeaderOffset.l1Size),
+    l1TableOffset: u64(HeaderOffset.l1TableOffset, 'l1_table_offset'),
+    refcountTableOffset: u64(HeaderOffset.refcountTableOffset, 'refcount_table_offset'),
+    refcountTableClusters: view.getUint32(HeaderOffset.refcountTableClusters),
+    snapshotCount: view.getUint32(HeaderOffset.snapshotCount),
+    snapshotsOffset: u64(HeaderOffset.snapshotsOffset, 'snapshots_offset'),
     incompatibleFeatures: { hi: 0, lo: 0 },
     compatibleFeatures: { hi: 0, lo: 0 },
     autoclearFeatures: { hi: 0, lo: 0 },
@@ -170,20 +174,20 @@ export function parseHeader(bytes: Uint8Array): Qcow2Header {
   }
   if (version === QCOW_VERSION_3) {
     if (bytes.length < V3_MIN_HEADER_LENGTH) throw corrupt('truncated qcow2 version 3 header')
-    header.incompatibleFeatures = { hi: view.getUint32(72), lo: view.getUint32(76) }
-    header.compatibleFeatures = { hi: view.getUint32(80), lo: view.getUint32(84) }
-    header.autoclearFeatures = { hi: view.getUint32(88), lo: view.getUint32(92) }
-    header.refcountOrder = view.getUint32(96)
-    header.headerLength = view.getUint32(100)
+    header.incompatibleFeatures = featureBitsAt(view, HeaderOffset.incompatibleFeatures)
+    header.compatibleFeatures = featureBitsAt(view, HeaderOffset.compatibleFeatures)
+    header.autoclearFeatures = featureBitsAt(view, HeaderOffset.autoclearFeatures)
+    header.refcountOrder = view.getUint32(HeaderOffset.refcountOrder)
+    header.headerLength = view.getUint32(HeaderOffset.headerLength)
     if (header.headerLength < V3_MIN_HEADER_LENGTH) {
       throw corrupt(`qcow2 header_length ${header.headerLength} is too small`)
     }
     if (header.headerLength % HEADER_LENGTH_ALIGNMENT !== 0) {
       throw corrupt(`qcow2 header_length ${header.headerLength} is not a multiple of 8`)
     }
-    if (header.headerLength > HEADER_COMPRESSION_TYPE_OFFSET) {
-      if (bytes.length <= HEADER_COMPRESSION_TYPE_OFFSET) throw corrupt('truncated qcow2 header')
-      header.compressionType = view.getUint8(HEADER_COMPRESSION_TYPE_OFFSET)
+    if (header.headerLength > HeaderOffset.compressionType) {
+      if (bytes.length <= HeaderOffset.compressionType) throw corrupt('truncated qcow2 header')
+      header.compressionType = view.getUint8(HeaderOffset.compressionType)
     }
   }
   validateHeader(header)
