@@ -45,6 +45,7 @@ import { hex } from './format/int64.js'
 import { type SnapshotEntry, parseSnapshotTable } from './format/snapshot.js'
 import { type BlockFile, NodeBlockFile } from './io/block-file.js'
 import { log } from './log.js'
+import { L1Table } from './meta/l1-table.js'
 import { DEFAULT_L2_CACHE_BYTES, L2SliceCache } from './meta/l2-cache.js'
 import {
   type ChainContext,
@@ -341,7 +342,8 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
   }
 
   const l2Cache = new L2SliceCache(file, geometry, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES)
-  const mapper = new ClusterMapper(geometry, l1Table, l1Size, l2Cache, { externalDataFile })
+  const l1 = new L1Table(l1Table, l1Size, l1TableOffset, clusterSize)
+  const mapper = new ClusterMapper(geometry, l1, l2Cache, { externalDataFile })
   const readPathOptions: ConstructorParameters<typeof ReadPath>[0] = {
     geometry,
     mapper,

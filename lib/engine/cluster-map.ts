@@ -12,10 +12,8 @@
  *    requested range only; the rest of the image stays readable.
  */
 import { CorruptImageError } from '../errors.js'
-import { TABLE_ENTRY_SIZE } from '../format/constants.js'
 import { type Geometry, l1IndexOf, l2IndexOf } from '../format/geometry.js'
 import { hex } from '../format/int64.js'
-import { l1EntryL2Offset } from '../format/l1-entry.js'
 import {
   type CompressedDescriptor,
   SubclusterType,
@@ -23,6 +21,7 @@ import {
   l2EntryHostOffset,
   subclusterTypeOf,
 } from '../format/l2-entry.js'
+import type { L1Table } from '../meta/l1-table.js'
 import type { L2SliceCache } from '../meta/l2-cache.js'
 
 export const RunKind = {
@@ -55,28 +54,15 @@ export interface MapperOptions {
 
 export class ClusterMapper {
   readonly geometry: Geometry
-  #l1: DataView
-  #l1Size: number
+  #l1: L1Table
   #l2Cache: L2SliceCache
   #externalDataFile: boolean
 
-  constructor(geometry: Geometry, l1Table: Uint8Array, l1Size: number, l2Cache: L2SliceCache, options: MapperOptions) {
+  constructor(geometry: Geometry, l1: L1Table, l2Cache: L2SliceCache, options: MapperOptions) {
     this.geometry = geometry
-    this.#l1 = new DataView(l1Table.buffer, l1Table.byteOffset, l1Table.byteLength)
-    this.#l1Size = l1Size
+    this.#l1 = l1
     this.#l2Cache = l2Cache
     this.#externalDataFile = options.externalDataFile
-  }
-
-  /** Host offset of the L2 table for l1Index (0: unallocated). Throws if misaligned. */
-  l2OffsetOf(l1Index: number): number {
-    if (l1Index >= this.#l1Size) return 0
-    const at = l1Index * TABLE_ENTRY_SIZE
-    const l2Offset = l1EntryL2Offset(this.#l1.getUint32(at), this.#l1.getUint32(at + 4))
-    if (l2Offset % this.geometry.clusterSize !== 0) {
-      throw new CorruptImageError(`L2 table offset ${hex(l2Offset)} is not cluster aligned (L1 index ${hex(l1Index)})`)
-    }
-    return l2Offset
   }
 
   /** The run of same-kind bytes starting at guestOffset, at most maxBytes long. */
@@ -84,7 +70,7 @@ export class ClusterMapper {
     const g = this.geometry
     const toTableEnd = g.l2CoverageBytes - (guestOffset % g.l2CoverageBytes)
     const limit = Math.min(maxBytes, toTableEnd)
-    const l2Offset = this.l2OffsetOf(l1IndexOf(g, guestOffset))
+    const l2Offset = this.#l1.l2Offset(l1IndexOf(g, guestOffset))
     if (l2Offset === 0) return { kind: RunKind.BACKING, bytes: limit, hostOffset: 0, offsetInCluster: 0 }
 
     const firstOffsetInCluster = guestOffset % g.clusterSize

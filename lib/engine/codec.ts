@@ -11,8 +11,11 @@
  *  - The compressed size in a descriptor is rounded up to whole 512-byte sectors, so the input
  *    usually carries trailing bytes (often the start of the next compressed cluster). Both
  *    decoders stop at the end of their stream and ignore them.
- *  - Output must be exactly one cluster: a stream that ends early is corrupt. A stream that
- *    would produce more is cut at the cluster size, as QEMU does.
+ *  - Output must be exactly one cluster: a stream that ends early is corrupt. A deflate stream
+ *    that would produce more is cut at the cluster size, as QEMU does (it stops at a full output
+ *    buffer); node:zlib has no sync way to stop early, so we allow up to
+ *    MAX_INFLATE_OVERRUN_CLUSTERS of output and call anything longer damage. A zstd frame that
+ *    decodes past the cluster is damage, as in QEMU.
  *  - zstd clusters are one or more zstd frames. fzstd (pure JS, no native build step) decodes
  *    them; it does not tolerate trailing bytes, so we measure each frame from its block headers
  *    and hand it exactly one frame at a time.
@@ -21,6 +24,9 @@ import * as zlib from 'node:zlib'
 import { decompress as zstdDecompress } from 'fzstd'
 import { CorruptImageError } from '../errors.js'
 import { COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD } from '../format/constants.js'
+
+/** How much longer than a cluster a deflate stream may inflate before we call it damage. */
+const MAX_INFLATE_OVERRUN_CLUSTERS = 32
 
 export type CompressionType = typeof COMPRESSION_TYPE_ZLIB | typeof COMPRESSION_TYPE_ZSTD
 
@@ -32,12 +38,10 @@ export function decompressCluster(type: number, input: Uint8Array, out: Uint8Arr
   }
   let produced: Buffer
   try {
-    produced = zlib.inflateRawSync(input, { chunkSize: Math.max(out.length, 64), maxOutputLength: out.length * 2 })
+    produced = zlib.inflateRawSync(input, { chunkSize: Math.max(out.length, 64), maxOutputLength: out.length * MAX_INFLATE_OVERRUN_CLUSTERS })
   } catch (err) {
-    // A stream running on past one cluster is cut there (QEMU stops at a full output buffer);
-    // anything else is damage.
     if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
-      throw new CorruptImageError('compressed cluster inflates to more than twice a cluster', { cause: err })
+      throw new CorruptImageError(`compressed cluster inflates to more than ${MAX_INFLATE_OVERRUN_CLUSTERS} clusters`, { cause: err })
     }
     throw new CorruptImageError(`compressed cluster is damaged (${(err as Error).message})`, { cause: err })
   }
@@ -111,9 +115,11 @@ function zstdDecompressCluster(input: Uint8Array, out: Uint8Array): void {
     } catch (err) {
       throw new CorruptImageError(`zstd compressed cluster is damaged (${(err as Error).message})`, { cause: err })
     }
-    const take = Math.min(chunk.length, out.length - outPos)
-    out.set(chunk.subarray(0, take), outPos)
-    outPos += take
+    if (chunk.length > out.length - outPos) {
+      throw new CorruptImageError(`zstd compressed cluster decodes to more than ${out.length} bytes`)
+    }
+    out.set(chunk, outPos)
+    outPos += chunk.length
     inPos += frameLength
   }
 }
