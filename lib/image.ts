@@ -18,20 +18,25 @@
  */
 import * as path from 'node:path'
 import type { VirtualDisk } from './disk.js'
-import { ClosedError, CorruptImageError, NotFoundError, ReadOnlyError, UnsupportedFeatureError } from './errors.js'
+import { Mutex } from 'async-mutex'
+import { ClosedError, CorruptImageError, InvalidRequestError, NotFoundError, ReadOnlyError, UnsupportedFeatureError } from './errors.js'
 import type { ImageInfo, SnapshotInfo } from './image-info.js'
 import {
   COMPRESSION_TYPE_ZSTD,
+  INCOMPAT_CORRUPT_BIT,
+  INCOMPAT_DIRTY_BIT,
   MAX_BACKING_CHAIN_DEPTH,
   MAX_L1_TABLE_BYTES,
   MAX_REFCOUNT_TABLE_BYTES,
   MAX_SNAPSHOTS,
   MAX_SNAPSHOT_TABLE_BYTES,
   QCOW_VERSION_3,
+  SECTOR_SIZE,
   TABLE_ENTRY_SIZE,
 } from './format/constants.js'
 import { type Geometry, l1EntriesFor, makeGeometry } from './format/geometry.js'
 import {
+  type FeatureBits,
   HEADER_PROBE_SIZE,
   type HeaderExtensions,
   type Qcow2Header,
@@ -41,7 +46,7 @@ import {
   parseHeader,
   parseHeaderExtensions,
 } from './format/header.js'
-import { hex } from './format/int64.js'
+import { alignUp, hex } from './format/int64.js'
 import { type SnapshotEntry, parseSnapshotTable } from './format/snapshot.js'
 import { type BlockFile, NodeBlockFile } from './io/block-file.js'
 import { log } from './log.js'
@@ -58,10 +63,13 @@ import {
   resolveBackingPath,
 } from './engine/backing.js'
 import { ClusterMapper } from './engine/cluster-map.js'
+import { type MetadataState, type MutableHeader, flushMetadata, writeHeaderField } from './engine/metadata.js'
 import { ReadPath } from './engine/read-path.js'
+import { WritePath } from './engine/write-path.js'
+import { Refcounts } from './meta/refcounts.js'
 
 export interface OpenOptions {
-  /** Open read-only. This version only reads: passing false is refused. Default true. */
+  /** Open read-only (the default). Read-write opens refuse images they cannot keep valid. */
   readOnly?: boolean
   /** Present this internal snapshot (by ID or name) instead of the active image; read-only. */
   snapshot?: string
@@ -83,25 +91,44 @@ interface ImageParts {
   backing: ReadSource | undefined
   snapshots: SnapshotEntry[]
   snapshot: SnapshotEntry | undefined
+  l1: L1Table
+  l2Cache: L2SliceCache
   readPath: ReadPath
+  readOnly: boolean
 }
+
+/** State that exists only while an image is open read-write. */
+interface Writer {
+  meta: MetadataState
+  writePath: WritePath
+  /** The first write prepared the header (autoclear bits cleared, dirty bit for lazy refcounts). */
+  prepared: boolean
+  /** We set the dirty bit (lazy refcounts) and must clear it on a clean close. */
+  setDirtyBit: boolean
+}
+
+/** Dirty L2 slices that force a metadata flush (4096 slices: 16 MiB of table data). */
+const MAX_DIRTY_L2_SLICES = 4096
 
 export class Qcow2Image implements VirtualDisk, ReadSource {
   readonly path: string
   readonly header: Qcow2Header
   readonly extensions: HeaderExtensions
   readonly geometry: Geometry
-  readonly virtualSize: number
-  readonly readOnly = true
   readonly backingFileName: string | undefined
   readonly backingFormat: 'qcow2' | 'raw' | undefined
   readonly snapshots: SnapshotEntry[]
   /** The snapshot presented, when opened with `snapshot`. */
   readonly snapshot: SnapshotEntry | undefined
+  #virtualSize: number
+  #readOnly: boolean
   #file: BlockFile
   #dataFile: BlockFile | undefined
   #backing: ReadSource | undefined
   #readPath: ReadPath
+  #writer: Writer | undefined
+  /** Serializes everything that changes metadata (writes, resizes, flushes, close). */
+  #lock = new Mutex()
   #closed = false
 
   private constructor(init: ImageParts) {
@@ -111,13 +138,52 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     this.header = init.header
     this.extensions = init.extensions
     this.geometry = init.geometry
-    this.virtualSize = init.virtualSize
+    this.#virtualSize = init.virtualSize
     this.backingFileName = init.backingFileName
     this.backingFormat = init.backingFormat
     this.#backing = init.backing
     this.snapshots = init.snapshots
     this.snapshot = init.snapshot
     this.#readPath = init.readPath
+    this.#readOnly = init.readOnly
+    if (!init.readOnly) {
+      const h = init.header
+      const mutable: MutableHeader = {
+        virtualSize: h.virtualSize,
+        l1Size: h.l1Size,
+        l1TableOffset: h.l1TableOffset,
+        refcountTableOffset: h.refcountTableOffset,
+        refcountTableClusters: h.refcountTableClusters,
+        incompatibleFeatures: { ...h.incompatibleFeatures },
+        autoclearFeatures: { ...h.autoclearFeatures },
+      }
+      const refcounts = new Refcounts(init.file, init.geometry, {
+        tableOffset: h.refcountTableOffset,
+        tableClusters: h.refcountTableClusters,
+        refcountOrder: h.refcountOrder,
+      })
+      const meta: MetadataState = {
+        file: init.file,
+        dataFile: init.file,
+        refcounts,
+        l2Cache: init.l2Cache,
+        l1: init.l1,
+        onDisk: mutable,
+        wanted: { ...mutable, incompatibleFeatures: { ...mutable.incompatibleFeatures }, autoclearFeatures: { ...mutable.autoclearFeatures } },
+      }
+      const backing = init.backing
+      const writePath = new WritePath({
+        geometry: init.geometry,
+        version: h.version,
+        file: init.file,
+        l1: init.l1,
+        l2Cache: init.l2Cache,
+        refcounts,
+        readPath: init.readPath,
+        backingSize: () => backing?.virtualSize ?? 0,
+      })
+      this.#writer = { meta, writePath, prepared: false, setDirtyBit: false }
+    }
   }
 
   /** Opens a qcow2 image; rejects with a Qcow2Error whose message names the problem. */
@@ -126,14 +192,20 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   }
 
   static openSync(imagePath: string, options: OpenOptions = {}, chain?: ChainContext): Qcow2Image {
-    if (options.readOnly === false) {
-      throw new UnsupportedFeatureError('this version of qcow2fs opens images read-only')
-    }
+    const readOnly = options.readOnly !== false
     const context = enterChain(chain, imagePath, MAX_BACKING_CHAIN_DEPTH)
-    const file = NodeBlockFile.open(imagePath, { readOnly: true })
+    const file = NodeBlockFile.open(imagePath, { readOnly })
+    return Qcow2Image.openFile(file, imagePath, options, context)
+  }
+
+  /**
+   * Opens an image on an already open BlockFile (tests use recording or fault-injecting ones).
+   * The file is closed if the open fails.
+   */
+  static openFile(file: BlockFile, imagePath: string, options: OpenOptions = {}, context?: ChainContext): Qcow2Image {
     const opened: { close(): void }[] = [file]
     try {
-      return openOnFile(imagePath, file, options, context, opened)
+      return openOnFile(imagePath, file, options, context ?? enterChain(undefined, imagePath, MAX_BACKING_CHAIN_DEPTH), opened)
     } catch (err) {
       for (const f of opened.reverse()) f.close()
       throw err
@@ -143,6 +215,14 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   /** Wraps an already validated state; used by openOnFile. */
   static fromParts(init: ImageParts): Qcow2Image {
     return new Qcow2Image(init)
+  }
+
+  get virtualSize(): number {
+    return this.#virtualSize
+  }
+
+  get readOnly(): boolean {
+    return this.#readOnly
   }
 
   readSync(buf: Uint8Array, guestOffset: number): void {
@@ -159,26 +239,153 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     return this.#readPath.stats()
   }
 
-  async write(_buf: Uint8Array, _guestOffset: number): Promise<void> {
-    if (this.#closed) throw new ClosedError()
-    throw new ReadOnlyError(`'${this.path}' is open read-only`)
+  /** Writes buf at guestOffset; the range must lie inside the disk (see resize). */
+  async write(buf: Uint8Array, guestOffset: number): Promise<void> {
+    await this.#mutate((writer) => {
+      if (guestOffset < 0 || guestOffset + buf.length > this.#virtualSize) {
+        throw new InvalidRequestError(`write of ${buf.length} bytes at ${guestOffset} goes past the end of the disk (${this.#virtualSize} bytes)`)
+      }
+      writer.writePath.write(buf, guestOffset)
+      this.#flushIfTooDirty(writer)
+    })
   }
 
+  /** Makes a range read as zeros, with zero clusters where the format allows. */
+  async writeZeroes(guestOffset: number, bytes: number): Promise<void> {
+    await this.#mutate((writer) => {
+      if (guestOffset < 0 || guestOffset + bytes > this.#virtualSize) {
+        throw new InvalidRequestError(`zero write of ${bytes} bytes at ${guestOffset} goes past the end of the disk`)
+      }
+      writer.writePath.writeZeroes(guestOffset, bytes)
+      this.#flushIfTooDirty(writer)
+    })
+  }
+
+  /**
+   * Changes the virtual size to `requestedSize` rounded up to a multiple of 512 bytes (QEMU
+   * only handles whole sectors: it would read a header size of 1000 as 512). Growing makes the
+   * new range read as zeros (even over a larger backing file); shrinking frees what lies past
+   * the new end. Images with internal snapshots cannot be resized (as in QEMU).
+   */
+  async resize(requestedSize: number): Promise<void> {
+    await this.#mutate((writer) => {
+      if (!Number.isSafeInteger(requestedSize) || requestedSize < 0) throw new InvalidRequestError(`invalid size ${requestedSize}`)
+      const newSize = alignUp(requestedSize, SECTOR_SIZE)
+      if (this.snapshots.length > 0) {
+        throw new UnsupportedFeatureError(`'${this.path}' has internal snapshots and cannot be resized`)
+      }
+      const oldSize = this.#virtualSize
+      if (newSize === oldSize) return
+      if (newSize > oldSize) {
+        writer.writePath.ensureL1Covers(newSize)
+        this.#virtualSize = newSize
+        const backingSize = this.#backing?.virtualSize ?? 0
+        if (backingSize > oldSize) writer.writePath.writeZeroes(oldSize, Math.min(newSize, backingSize) - oldSize)
+      } else {
+        writer.writePath.discardFrom(newSize, oldSize)
+        this.#virtualSize = newSize
+      }
+      writer.meta.wanted.virtualSize = newSize
+      this.#flushIfTooDirty(writer)
+    })
+  }
+
+  /** Makes everything written so far durable (data, then metadata in the documented order). */
   async flush(): Promise<void> {
     if (this.#closed) throw new ClosedError()
+    const writer = this.#writer
+    if (!writer) return
+    await this.#lock.runExclusive(() => this.#flushLocked(writer))
   }
 
   async close(): Promise<void> {
+    if (this.#closed) return
+    const writer = this.#writer
+    if (writer && !this.#readOnly) {
+      await this.#lock.runExclusive(() => {
+        this.#flushLocked(writer)
+        if (writer.setDirtyBit) {
+          writer.meta.wanted.incompatibleFeatures = clearBit(writer.meta.wanted.incompatibleFeatures, INCOMPAT_DIRTY_BIT)
+          this.#flushLocked(writer)
+        }
+      })
+    }
     this.closeSync()
   }
 
-  /** Releases the image, its data file and its backing chain. Idempotent. */
+  /** Releases the image, its data file and its backing chain (no flush). Idempotent. */
   closeSync(): void {
     if (this.#closed) return
     this.#closed = true
     this.#backing?.close()
     this.#dataFile?.close()
     this.#file.close()
+  }
+
+  #flushLocked(writer: Writer): void {
+    if (this.#readOnly) return
+    this.#guardCorruption(() => {
+      flushMetadata(writer.meta, writer.writePath.dataWritten)
+      writer.writePath.dataWritten = false
+    })
+  }
+
+  #flushIfTooDirty(writer: Writer): void {
+    if (writer.meta.l2Cache.dirtyCount > MAX_DIRTY_L2_SLICES) this.#flushLocked(writer)
+  }
+
+  /** Runs a metadata-changing step under the lock, preparing the header on the first one. */
+  async #mutate(step: (writer: Writer) => void): Promise<void> {
+    if (this.#closed) throw new ClosedError()
+    const writer = this.#writer
+    if (!writer || this.#readOnly) throw new ReadOnlyError(`'${this.path}' is open read-only`)
+    await this.#lock.runExclusive(() => {
+      if (this.#closed) throw new ClosedError()
+      if (this.#readOnly) throw new ReadOnlyError(`'${this.path}' is open read-only`)
+      this.#guardCorruption(() => {
+        if (!writer.prepared) this.#prepareForWrites(writer)
+        step(writer)
+      })
+    })
+  }
+
+  /**
+   * Before the first change: clear the autoclear bits of features we do not maintain (the spec
+   * requires this before writing), and set the dirty bit if the image uses lazy refcounts.
+   * Both reach the disk before anything else is written.
+   */
+  #prepareForWrites(writer: Writer): void {
+    const { meta } = writer
+    meta.wanted.autoclearFeatures = { hi: 0, lo: 0 }
+    if (headerFlags.lazyRefcounts(this.header)) {
+      meta.wanted.incompatibleFeatures = setBit(meta.wanted.incompatibleFeatures, INCOMPAT_DIRTY_BIT)
+      writer.setDirtyBit = true
+    }
+    flushMetadata(meta, false)
+    writer.prepared = true
+  }
+
+  /**
+   * Metadata found corrupt while changing the image: set the corrupt bit (best effort), turn
+   * read-only, and let the error through (EIO).
+   */
+  #guardCorruption(step: () => void): void {
+    try {
+      step()
+    } catch (err) {
+      if (err instanceof CorruptImageError && this.#writer) {
+        this.#readOnly = true
+        log.open('%s: corrupt metadata found while writing (%s); image marked corrupt, now read-only', this.path, err.message)
+        try {
+          const corruptBits = setBit(this.#writer.meta.onDisk.incompatibleFeatures, INCOMPAT_CORRUPT_BIT)
+          writeHeaderField(this.#file, 'incompatibleFeatures', { ...this.#writer.meta.onDisk, incompatibleFeatures: corruptBits })
+          this.#file.sync()
+        } catch {
+          // The image is already damaged; the read-only switch is what matters now.
+        }
+      }
+      throw err
+    }
   }
 
   info(): ImageInfo {
@@ -228,6 +435,14 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     }
     return info
   }
+}
+
+function setBit(bits: FeatureBits, bit: number): FeatureBits {
+  return bit < 32 ? { hi: bits.hi, lo: (bits.lo | (1 << bit)) >>> 0 } : { hi: (bits.hi | (1 << (bit - 32))) >>> 0, lo: bits.lo }
+}
+
+function clearBit(bits: FeatureBits, bit: number): FeatureBits {
+  return bit < 32 ? { hi: bits.hi, lo: (bits.lo & ~(1 << bit)) >>> 0 } : { hi: (bits.hi & ~(1 << (bit - 32))) >>> 0, lo: bits.lo }
 }
 
 function corrupt(imagePath: string, message: string): CorruptImageError {
@@ -342,6 +557,8 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
   }
 
   const l2Cache = new L2SliceCache(file, geometry, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES)
+  const readOnly = options.readOnly !== false
+  if (!readOnly) checkWritable(imagePath, header, options)
   const l1 = new L1Table(l1Table, l1Size, l1TableOffset, clusterSize)
   const mapper = new ClusterMapper(geometry, l1, l2Cache, { externalDataFile })
   const readPathOptions: ConstructorParameters<typeof ReadPath>[0] = {
@@ -367,8 +584,29 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
     backing,
     snapshots,
     snapshot,
+    l1,
+    l2Cache,
     readPath,
+    readOnly,
   })
+}
+
+/** Refuses a read-write open of an image this version cannot keep valid, saying what to do. */
+function checkWritable(imagePath: string, header: Qcow2Header, options: OpenOptions): void {
+  if (options.snapshot !== undefined) {
+    throw new InvalidRequestError(`'${imagePath}': snapshot '${options.snapshot}' can only be opened read-only`)
+  }
+  if (headerFlags.corrupt(header)) {
+    throw new CorruptImageError(`'${imagePath}' is marked corrupt; open it read-only, or repair it with 'qemu-img check -r all'`)
+  }
+  if (headerFlags.dirty(header)) {
+    throw new UnsupportedFeatureError(
+      `'${imagePath}' has the dirty bit set (refcounts not updated after a crash); repair it with 'qemu-img check -r all', or open it read-only`,
+    )
+  }
+  if (headerFlags.externalDataFile(header)) {
+    throw new UnsupportedFeatureError(`'${imagePath}': writing images with an external data file is not supported; open it read-only`)
+  }
 }
 
 /** Reads the snapshot table, growing the read until every entry fits (bounded by QEMU's limit). */

@@ -87,6 +87,11 @@ export class ReadPath {
     }
   }
 
+  /** Drops the cached inflated cluster whose compressed data starts at hostOffset (freed). */
+  forgetCompressed(hostOffset: number): void {
+    this.#decompressed.delete(hostOffset)
+  }
+
   /** Counters for tests and logs. */
   stats(): { clustersInflated: number } {
     return { clustersInflated: this.#clustersInflated }

@@ -151,6 +151,9 @@ export const L2E_STD_RESERVED_MASK_LO = 0x000001fe
 /** Highest offset bit any host offset may use (bits above 55 are reserved). */
 export const MAX_HOST_OFFSET_BITS = 56
 
+/** QEMU's block layer unit: virtual sizes are whole 512-byte sectors. */
+export const SECTOR_SIZE = 512
+
 /** Compressed cluster descriptor: sizes counted in 512-byte sectors. */
 export const COMPRESSED_SECTOR_SIZE = 512
 export const COMPRESSED_SECTOR_BITS = 9

@@ -42,7 +42,8 @@ export function hex(n: number): string {
 }
 
 export function isPowerOfTwo(n: number): boolean {
-  return n > 0 && Number.isSafeInteger(n) && (n & (n - 1)) === 0
+  // Not n & (n - 1): bitwise operators would cut n to 32 bits.
+  return n > 0 && Number.isSafeInteger(n) && 2 ** Math.round(Math.log2(n)) === n
 }
 
 export function alignUp(n: number, alignment: number): number {

@@ -7,13 +7,27 @@
 import * as fs from 'node:fs'
 import { NotFoundError } from '../errors.js'
 
+/**
+ * What a write is for. Recording and fault-injecting file layers in the tests use it to check
+ * the metadata write ordering (the counterpart of QEMU's blkdebug events).
+ */
+export type WriteTag = 'data' | 'cow' | 'l2' | 'l1' | 'refblock' | 'reftable' | 'header' | 'compressed'
+
 export interface BlockFile {
   /** The path the file was opened with (for messages). */
   readonly path: string
   /** Size of the file in bytes, as of open (kept current by this process's own writes). */
   readonly size: number
+  /** False when opened read-only: pwrite/truncate/sync throw. */
+  readonly writable: boolean
   /** Reads up to buf.length bytes at hostOffset; returns the bytes read (short only at EOF). */
   pread(buf: Uint8Array, hostOffset: number): number
+  /** Writes all of buf at hostOffset, growing the file if needed. */
+  pwrite(buf: Uint8Array, hostOffset: number, tag: WriteTag): void
+  /** Makes every completed write durable (fdatasync). */
+  sync(): void
+  /** Sets the file length. */
+  truncate(size: number): void
   /** Bytes the file occupies on the host (allocated blocks), for `info`. */
   allocatedBytes(): number
   close(): void
@@ -25,13 +39,15 @@ export interface OpenFileOptions {
 
 export class NodeBlockFile implements BlockFile {
   readonly path: string
+  readonly writable: boolean
   #fd: number
   #size: number
 
-  private constructor(path: string, fd: number, size: number) {
+  private constructor(path: string, fd: number, size: number, writable: boolean) {
     this.path = path
     this.#fd = fd
     this.#size = size
+    this.writable = writable
   }
 
   /** Opens path; a missing file becomes NotFoundError naming it. Never creates or truncates. */
@@ -47,7 +63,7 @@ export class NodeBlockFile implements BlockFile {
     try {
       const stat = fs.fstatSync(fd)
       if (stat.isDirectory()) throw new NotFoundError(`'${path}' is a directory, not an image file`)
-      return new NodeBlockFile(path, fd, stat.size)
+      return new NodeBlockFile(path, fd, stat.size, !options.readOnly)
     } catch (err) {
       fs.closeSync(fd)
       throw err
@@ -66,6 +82,23 @@ export class NodeBlockFile implements BlockFile {
       done += n
     }
     return done
+  }
+
+  pwrite(buf: Uint8Array, hostOffset: number, _tag: WriteTag): void {
+    let done = 0
+    while (done < buf.length) {
+      done += fs.writeSync(this.#fd, buf, done, buf.length - done, hostOffset + done)
+    }
+    if (hostOffset + buf.length > this.#size) this.#size = hostOffset + buf.length
+  }
+
+  sync(): void {
+    fs.fdatasyncSync(this.#fd)
+  }
+
+  truncate(size: number): void {
+    fs.ftruncateSync(this.#fd, size)
+    this.#size = size
   }
 
   allocatedBytes(): number {

@@ -8,8 +8,9 @@
  *    read loads 4 KiB of metadata, not a whole (up to 2 MiB) table.
  *  - It is bounded in bytes (the `cache-size` mount option) through lru-cache; at least two
  *    slices are kept whatever the bound.
- *  - This version is read-only: slices are never dirty. The write path will pin dirty slices
- *    outside the LRU, since lru-cache's dispose is synchronous and cannot write back.
+ *  - Dirty slices live outside the LRU, in a map that is never evicted (lru-cache's dispose is
+ *    synchronous and cannot write back); the metadata flush writes them and hands them back to
+ *    the LRU as clean slices.
  */
 import { LRUCache } from 'lru-cache'
 import { CorruptImageError } from '../errors.js'
@@ -27,6 +28,8 @@ const MIN_SLICES = 2
 export interface L2Slice {
   bytes: Uint8Array
   view: DataView
+  /** Host offset of the slice. */
+  hostOffset: number
 }
 
 export class L2SliceCache {
@@ -35,6 +38,7 @@ export class L2SliceCache {
   readonly sliceEntries: number
   #file: BlockFile
   #cache: LRUCache<number, L2Slice>
+  #dirty = new Map<number, L2Slice>()
   #hits = 0
   #misses = 0
 
@@ -53,7 +57,7 @@ export class L2SliceCache {
   slice(l2Offset: number, l2Index: number): { slice: L2Slice; indexInSlice: number } {
     const sliceIndex = Math.floor(l2Index / this.sliceEntries)
     const sliceOffset = l2Offset + sliceIndex * this.sliceBytes
-    let slice = this.#cache.get(sliceOffset)
+    let slice = this.#dirty.get(sliceOffset) ?? this.#cache.get(sliceOffset)
     if (slice === undefined) {
       this.#misses++
       const bytes = new Uint8Array(this.sliceBytes)
@@ -61,7 +65,7 @@ export class L2SliceCache {
       if (n !== bytes.length) {
         throw new CorruptImageError(`L2 table at ${hex(l2Offset)} lies past the end of the image file`)
       }
-      slice = { bytes, view: new DataView(bytes.buffer) }
+      slice = { bytes, view: new DataView(bytes.buffer), hostOffset: sliceOffset }
       this.#cache.set(sliceOffset, slice)
     } else {
       this.#hits++
@@ -69,10 +73,52 @@ export class L2SliceCache {
     return { slice, indexInSlice: l2Index - sliceIndex * this.sliceEntries }
   }
 
+  /** Marks a slice returned by `slice` as modified: it stays in memory until written. */
+  markDirty(slice: L2Slice): void {
+    this.#dirty.set(slice.hostOffset, slice)
+    this.#cache.delete(slice.hostOffset)
+  }
+
+  get dirtyCount(): number {
+    return this.#dirty.size
+  }
+
+  /**
+   * Installs a whole L2 table whose bytes the caller has just written to the file at l2Offset
+   * (a new or copied table), as clean slices.
+   */
+  installTable(l2Offset: number, table: Uint8Array): void {
+    for (let at = 0; at < table.length; at += this.sliceBytes) {
+      const bytes = table.slice(at, at + this.sliceBytes)
+      const sliceOffset = l2Offset + at
+      this.#dirty.delete(sliceOffset)
+      this.#cache.set(sliceOffset, { bytes, view: new DataView(bytes.buffer), hostOffset: sliceOffset })
+    }
+  }
+
+  /** Drops every cached slice of the L2 table at l2Offset (the table was freed). */
+  forgetTable(l2Offset: number, clusterSize: number): void {
+    for (let at = 0; at < clusterSize; at += this.sliceBytes) {
+      this.#dirty.delete(l2Offset + at)
+      this.#cache.delete(l2Offset + at)
+    }
+  }
+
+  /** Writes every dirty slice; they become clean. Returns true if anything was written. */
+  writeDirty(): boolean {
+    if (this.#dirty.size === 0) return false
+    const slices = [...this.#dirty.values()].sort((a, b) => a.hostOffset - b.hostOffset)
+    for (const slice of slices) this.#file.pwrite(slice.bytes, slice.hostOffset, 'l2')
+    this.#dirty.clear()
+    for (const slice of slices) this.#cache.set(slice.hostOffset, slice)
+    return true
+  }
+
   stats(): { hits: number; misses: number; slices: number } {
     return { hits: this.#hits, misses: this.#misses, slices: this.#cache.size }
   }
 
+  /** Drops clean slices (dirty ones stay). */
   clear(): void {
     this.#cache.clear()
   }
