@@ -27,7 +27,6 @@ import {
   OFLAG_COPIED_HI,
   OFLAG_ZERO_LO,
   QCOW_VERSION_3,
-  SUBCLUSTERS_PER_CLUSTER,
   TABLE_ENTRY_SIZE,
 } from '../format/constants.js'
 import { type Geometry, l1EntriesFor, l1IndexOf, l2IndexOf } from '../format/geometry.js'
@@ -446,17 +445,12 @@ export class WritePath {
   }
 }
 
-/** True if every byte is zero (compared 8 bytes at a time where aligned). */
+/** A zeroed buffer to compare against; grown on demand. */
+let zeroReference = new Uint8Array(64 * 1024)
+
+/** True if every byte is zero (a native memcmp against a zeroed buffer). */
 export function isAllZero(buf: Uint8Array): boolean {
-  const words = Math.floor(buf.length / 8)
-  if (buf.byteOffset % 8 === 0 && words > 0) {
-    const view = new BigUint64Array(buf.buffer, buf.byteOffset, words)
-    for (let i = 0; i < words; i++) if (view[i] !== 0n) return false
-  } else {
-    for (let i = 0; i < words * 8; i++) if (buf[i] !== 0) return false
-  }
-  for (let i = words * 8; i < buf.length; i++) if (buf[i] !== 0) return false
-  return true
+  if (zeroReference.length < buf.length) zeroReference = new Uint8Array(buf.length)
+  return Buffer.compare(buf, zeroReference.subarray(0, buf.length)) === 0
 }
 
-export { SUBCLUSTERS_PER_CLUSTER }
