@@ -100,7 +100,8 @@ out.push(`Run of ${meta.date}, commit ${meta.git}, command \`make bench\` (bash 
 out.push('')
 out.push(
   `Machine: ${meta.cpu}, ${meta.nproc} CPUs, ${meta.memory} RAM, ${meta.kernel}; ` +
-    `Node.js ${meta.node}, ${meta.qemu}, ${meta.fio}, fuse-native ${meta.fuse_native}.`,
+    `Node.js ${meta.node}, ${meta.qemu}, ${meta.fio}, fuse-native ${meta.fuse_native}; ` +
+    `${meta.load} (other work on the machine shows here).`,
 )
 out.push('')
 out.push(

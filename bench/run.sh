@@ -205,22 +205,46 @@ wait_mounted() { # MOUNTPOINT FILE PID LOGFILE WHAT
   done
 }
 
+# The pid of the background server (`qcow2fs __serve ... MOUNTPOINT`) that `qcow2fs mount`
+# started for MOUNTPOINT: the process whose command line has __serve and ends with it.
+find_serve_pid() { # MOUNTPOINT
+  local proc args
+  for proc in /proc/[0-9]*; do
+    mapfile -d '' -t args <"$proc/cmdline" 2>/dev/null || continue
+    ((${#args[@]} >= 2)) || continue
+    if [[ ${args[-1]} == "$1" && " ${args[*]} " == *" __serve "* ]]; then
+      echo "${proc#/proc/}"
+      return 0
+    fi
+  done
+  return 1
+}
+
 start_qcow2fs() { # LABEL IMAGE
-  local label=$1 image=$2 mnt=$MNT_ROOT/qcow2fs-$1 logfile=$LOG_DIR/qcow2fs-$1.log pid stem
+  local label=$1 image=$2 mnt=$MNT_ROOT/qcow2fs-$1 logfile=$LOG_DIR/qcow2fs-$1.log pid stem server_pid
   stem=$(basename "$image" .qcow2)
   mkdir -p "$mnt"
   MOUNTS+=("$mnt")
   QCOW2FS_MNTS+=("$mnt")
-  local node_args=()
   if [[ $CPU_PROFILE == 1 ]]; then
+    # Foreground (-f), so that the profiled process is the server itself.
     mkdir -p "$WORK_DIR/profiles"
-    node_args=(--cpu-prof --cpu-prof-dir="$WORK_DIR/profiles" --cpu-prof-name="qcow2fs-$label.cpuprofile")
+    # shellcheck disable=SC2086 # QCOW2FS_OPTS is a list of words on purpose
+    node --cpu-prof --cpu-prof-dir="$WORK_DIR/profiles" --cpu-prof-name="qcow2fs-$label.cpuprofile" \
+      "$CLI" mount -f $QCOW2FS_OPTS "$image" "$mnt" >"$logfile" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+  else
+    # As users run it: `mount` starts a background server and exits once the mount is live.
+    # shellcheck disable=SC2086
+    node "$CLI" mount $QCOW2FS_OPTS "$image" "$mnt" >"$logfile" 2>&1 &
+    pid=$!
   fi
-  # shellcheck disable=SC2086 # QCOW2FS_OPTS is a list of words on purpose
-  node "${node_args[@]}" "$CLI" mount $QCOW2FS_OPTS "$image" "$mnt" >"$logfile" 2>&1 &
-  pid=$!
-  PIDS+=("$pid")
   wait_mounted "$mnt" "$mnt/$stem.raw" "$pid" "$logfile" "qcow2fs mount $image"
+  if [[ $CPU_PROFILE != 1 ]]; then
+    server_pid=$(find_serve_pid "$mnt") || die "cannot find the qcow2fs server process for $mnt"
+    PIDS+=("$server_pid")
+  fi
   TARGETS+=("qcow2fs|$label|$mnt/$stem.raw|$image")
   log "qcow2fs: $mnt/$stem.raw"
 }
@@ -355,6 +379,7 @@ measure_engine() { # MODE IMAGE -> MB/s or IOPS
     die "engine-read $1 $2 failed (see $LOG_DIR/engine.log)"
 }
 
+LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
 printf 'rep\tcase\tkind\timage\tvalue\n' >"$SAMPLES"
 runs_per_rep=$((${#CASES[@]} * ${#TARGETS[@]}))
 log "measuring: ${#TARGETS[@]} targets (engine ones without FUSE) x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
@@ -382,6 +407,8 @@ for rep in $(seq "$REPS"); do
   done
 done
 
+LOAD_AFTER=$(cut -d ' ' -f 1-3 /proc/loadavg)
+
 # Every raw view must still be mounted (a server that crashed mid-run invalidates the run).
 for target in "${TARGETS[@]}"; do
   IFS="|" read -r kind label file _ <<<"$target"
@@ -398,6 +425,7 @@ if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev
   printf 'git=%s\n' "$git_rev"
   printf 'cpu=%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
   printf 'nproc=%s\n' "$(nproc)"
+  printf 'load=%s\n' "load average $LOAD_BEFORE before the measurements, $LOAD_AFTER after"
   printf 'memory=%s\n' "$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
   printf 'kernel=%s\n' "$(uname -sr)"
   printf 'node=%s\n' "$(node --version)"
