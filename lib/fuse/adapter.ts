@@ -4,9 +4,11 @@
  * every failure into a negative errno (lib/fuse/errno.ts); it never throws into fuse-native,
  * so a failing request fails alone and the mount stays up.
  *
- * Write support is shaped already: write -> VirtualDisk.write, fsync and a writer's flush ->
- * VirtualDisk.flush, truncate to the disk's own size is a no-op. A read-only disk answers EROFS
- * to write opens, writes, truncates and utimens.
+ * Writes: write -> VirtualDisk.write, fsync and a writer's close (flush) -> VirtualDisk.flush.
+ * A raw file keeps the disk's length: open(O_TRUNC) and truncating to a shorter length zero the
+ * discarded bytes (writeZeroes) instead of shortening, growing is refused, a write past the
+ * end gets ENOSPC as on a block device. A read-only disk answers EROFS to write opens, writes,
+ * truncates and utimens.
  *
  * Concurrency: libfuse runs a thread per outstanding request (fuse_loop_mt) and fuse-native
  * queues them all onto the JS event loop, so several reads of one disk are in flight at once.
@@ -59,6 +61,7 @@ const S_IFDIR = 0o040000
 const S_IFREG = 0o100000
 const O_ACCMODE = 0o3
 const O_RDONLY = 0
+const O_TRUNC = 0o1000
 /** statvfs f_flag bit for a read-only file system. */
 const ST_RDONLY = 1
 /** st_blksize: the preferred I/O size for cp and friends; one full FUSE request. */
@@ -69,8 +72,15 @@ const EROFS = errnoOf('EROFS')
 const EBADF = errnoOf('EBADF')
 const EISDIR = errnoOf('EISDIR')
 const ENOTDIR = errnoOf('ENOTDIR')
-const EINVAL = errnoOf('EINVAL')
+const EFBIG = errnoOf('EFBIG')
 const ENOSPC = errnoOf('ENOSPC')
+const EOPNOTSUPP = errnoOf('EOPNOTSUPP')
+
+/** What a disk may offer beyond VirtualDisk; Qcow2Image does. */
+export interface ZeroingDisk {
+  /** Makes a range read as zeros without writing zero-filled data. */
+  writeZeroes(guestOffset: number, byteCount: number): Promise<void>
+}
 
 export interface FileTimes {
   atime: Date
@@ -89,6 +99,19 @@ export interface RawFileSource {
 /** disk.qcow2 -> disk.raw; the stem is the name without its last extension. */
 export function rawFileName(imagePath: string): string {
   return `${parse(basename(imagePath)).name}.raw`
+}
+
+/** Throws InvalidRequestError (one line) when two images would get the same raw file name. */
+export function assertDistinctNames(imagePaths: readonly string[]): void {
+  const seen = new Map<string, string>()
+  for (const imagePath of imagePaths) {
+    const name = rawFileName(imagePath)
+    const clash = seen.get(name)
+    if (clash !== undefined) {
+      throw new InvalidRequestError(`'${clash}' and '${imagePath}' would both appear as ${name}; rename one of them`)
+    }
+    seen.set(name, imagePath)
+  }
 }
 
 interface RawFile {
@@ -121,13 +144,10 @@ export class RawFilesAdapter {
   constructor(sources: readonly RawFileSource[]) {
     const created = new Date()
     this.dirTimes = { atime: created, mtime: created, ctime: created }
+    assertDistinctNames(sources.map((source) => source.imagePath))
     const files: RawFile[] = []
     for (const source of sources) {
       const name = rawFileName(source.imagePath)
-      const clash = this.byPath.get(`/${name}`)
-      if (clash) {
-        throw new InvalidRequestError(`${clash.imagePath} and ${source.imagePath} would both appear as ${name}; rename one of them`)
-      }
       const file: RawFile = {
         name,
         imagePath: source.imagePath,
@@ -163,15 +183,26 @@ export class RawFilesAdapter {
       init: (cb) => cb(0),
       getattr: (path, cb) => this.answer(cb, () => this.getattr(path)),
       readdir: (path, cb) => this.answer(cb, () => this.readdir(path)),
-      open: (path, flags, cb) => this.answer(cb, () => this.open(path, flags)),
+      open: (path, flags, cb) => {
+        // O_TRUNC matters only for a writer (a read-only open ignores it, as Linux does).
+        if ((flags & O_TRUNC) === 0 || (flags & O_ACCMODE) === O_RDONLY) return this.answer(cb, () => this.open(path, flags))
+        let fh = 0
+        this.track(
+          (code) => cb(code < 0 ? code : 0, code < 0 ? undefined : fh),
+          async () => {
+            fh = await this.openTruncating(path, flags)
+            return 0
+          },
+        )
+      },
       release: (_path, fh, cb) => this.answer(cb, () => this.release(fh)),
       statfs: (_path, cb) => this.answer(cb, () => this.statfs()),
       read: (_path, fh, buf, length, position, cb) => this.track(cb, () => this.read(fh, buf, length, position)),
       write: (_path, fh, buf, length, position, cb) => this.track(cb, () => this.write(fh, buf, length, position)),
       flush: (_path, fh, cb) => this.track(cb, () => this.flush(fh)),
       fsync: (_path, _datasync, fh, cb) => this.track(cb, () => this.fsync(fh)),
-      truncate: (path, size, cb) => this.answer(cb, () => this.truncate(this.lookup(path), size)),
-      ftruncate: (_path, fh, size, cb) => this.answer(cb, () => this.truncate(this.handle(fh).file, size)),
+      truncate: (path, size, cb) => this.track(cb, () => this.truncate(this.lookup(path), size)),
+      ftruncate: (_path, fh, size, cb) => this.track(cb, () => this.truncate(this.handle(fh).file, size)),
       utimens: (path, atime, mtime, cb) => this.answer(cb, () => this.utimens(path, atime, mtime)),
     }
   }
@@ -270,12 +301,27 @@ export class RawFilesAdapter {
     const file = this.lookup(path)
     const writable = (flags & O_ACCMODE) !== O_RDONLY
     if (writable && file.disk.readOnly) throw EROFS
-    // O_TRUNC (atomic_o_trunc) is ignored: a disk keeps its size; writes overwrite in place.
     let fh = this.nextHandle
     while (this.handles.has(fh)) fh = fh >= 0x7fffffff ? 1 : fh + 1
     this.nextHandle = fh >= 0x7fffffff ? 1 : fh + 1
     this.handles.set(fh, { file, writable, dirty: false })
     log.fuse('open %s flags 0x%s -> fh %d', path, flags.toString(16), fh)
+    return fh
+  }
+
+  /**
+   * open(O_TRUNC) of a writable disk (atomic_o_trunc hands it to us): a disk keeps its size,
+   * but its old contents go, so that a `cp` which skips the holes of its source leaves zeros
+   * there, not old data. Needs a disk that can write zeros without allocating (writeZeroes).
+   */
+  private async openTruncating(path: string, flags: number): Promise<number> {
+    const file = this.lookup(path)
+    if (file.disk.readOnly) throw EROFS
+    const disk = file.disk as VirtualDisk & Partial<ZeroingDisk>
+    if (typeof disk.writeZeroes !== 'function') throw EOPNOTSUPP
+    await disk.writeZeroes(0, disk.virtualSize)
+    const fh = this.open(path, flags)
+    this.handle(fh).dirty = true
     return fh
   }
 
@@ -322,9 +368,20 @@ export class RawFilesAdapter {
     return 0
   }
 
-  private truncate(file: RawFile, sizeBytes: number): void {
-    if (file.disk.readOnly) throw EROFS
-    if (sizeBytes !== file.disk.virtualSize) throw EINVAL
+  /**
+   * A disk has a fixed length: truncating to a shorter length discards (zeros) the bytes past
+   * it and keeps the length, as open(O_TRUNC) does; a longer length is refused (EFBIG), since
+   * growing a disk is `qemu-img resize`.
+   */
+  private async truncate(file: RawFile, sizeBytes: number): Promise<number> {
+    const disk = file.disk as VirtualDisk & Partial<ZeroingDisk>
+    if (disk.readOnly) throw EROFS
+    if (sizeBytes > disk.virtualSize) throw EFBIG
+    if (sizeBytes === disk.virtualSize) return 0
+    if (typeof disk.writeZeroes !== 'function') throw EOPNOTSUPP
+    await disk.writeZeroes(sizeBytes, disk.virtualSize - sizeBytes)
+    file.times.mtime = new Date()
+    return 0
   }
 
   private utimens(path: string, atimeMs: number, mtimeMs: number): void {
