@@ -1,0 +1,181 @@
+/*
+ * The control channel between `qcow2fs unmount` (or a second `mount`) and a running mount
+ * server: a Unix socket in the runtime directory ($XDG_RUNTIME_DIR or the temp dir, then
+ * qcow2fs-<uid>/, mode 0700), named after a hash of the mountpoint's resolved path, carrying one
+ * JSON object per line.
+ *
+ *   -> {"op":"status"}                 <- {"ok":true,"pid":N,"mountpoint":"...","files":[...]}
+ *   -> {"op":"unmount","lazy":false}   <- {"ok":true,"pid":N} once every image is closed and
+ *                                         the file system is unmounted; the server exits next
+ *                                      <- {"ok":false,"error":"one line"} when it cannot
+ */
+import { createHash } from 'node:crypto'
+import { lstat, mkdir } from 'node:fs/promises'
+import { createConnection, type Server, type Socket, createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { log } from '../log.js'
+
+export type ControlRequest = { op: 'status' } | { op: 'unmount'; lazy: boolean }
+
+export type ControlReply =
+  | { ok: true; pid: number; mountpoint?: string; files?: string[] }
+  | { ok: false; error: string }
+
+/** Where the control sockets and server logs of this user live. */
+export function runtimeDir(): string {
+  const base = process.env.XDG_RUNTIME_DIR || tmpdir()
+  return join(base, `qcow2fs-${process.getuid?.() ?? 0}`)
+}
+
+/** Creates the runtime directory, or checks that an existing one is private to this user. */
+export async function ensureRuntimeDir(): Promise<string> {
+  const dir = runtimeDir()
+  await mkdir(dir, { recursive: true, mode: 0o700 })
+  const st = await lstat(dir)
+  const uid = process.getuid?.() ?? 0
+  if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) {
+    throw new Error(`runtime directory '${dir}' is not a directory private to uid ${uid}; remove it`)
+  }
+  return dir
+}
+
+function mountpointKey(realMountpoint: string): string {
+  return createHash('sha256').update(realMountpoint).digest('hex').slice(0, 20)
+}
+
+/** The control socket of the server for a mountpoint (given as its resolved path). */
+export function controlSocketPath(realMountpoint: string): string {
+  return join(runtimeDir(), `${mountpointKey(realMountpoint)}.sock`)
+}
+
+/** Where a background server's stderr (DEBUG=qcow2fs:* output, crashes) goes. */
+export function serverLogPath(realMountpoint: string): string {
+  return join(runtimeDir(), `${mountpointKey(realMountpoint)}.log`)
+}
+
+/** Splits a socket's data into JSON lines. */
+function onJsonLines(socket: Socket, handler: (message: unknown) => void): void {
+  let pending = ''
+  socket.setEncoding('utf8')
+  socket.on('data', (chunk: string) => {
+    pending += chunk
+    let newline: number
+    while ((newline = pending.indexOf('\n')) >= 0) {
+      const line = pending.slice(0, newline)
+      pending = pending.slice(newline + 1)
+      if (!line.trim()) continue
+      let message: unknown
+      try {
+        message = JSON.parse(line)
+      } catch {
+        message = undefined
+      }
+      handler(message)
+    }
+  })
+}
+
+function isControlRequest(message: unknown): message is ControlRequest {
+  if (typeof message !== 'object' || message === null) return false
+  const op = (message as { op?: unknown }).op
+  if (op === 'status') return true
+  return op === 'unmount' && typeof (message as { lazy?: unknown }).lazy === 'boolean'
+}
+
+export type ControlHandler = (request: ControlRequest) => Promise<ControlReply>
+
+/** The server side: answers each request line with one reply line. */
+export class ControlServer {
+  private readonly server: Server
+  private readonly sockets = new Set<Socket>()
+
+  private constructor(server: Server) {
+    this.server = server
+  }
+
+  static listen(socketPath: string, handler: ControlHandler): Promise<ControlServer> {
+    const server = createServer((socket) => {
+      control.sockets.add(socket)
+      socket.on('close', () => control.sockets.delete(socket))
+      socket.on('error', (err) => log.server('control connection error: %s', err.message))
+      onJsonLines(socket, (message) => {
+        const reply: Promise<ControlReply> = isControlRequest(message)
+          ? handler(message).catch((err: unknown) => ({ ok: false as const, error: err instanceof Error ? err.message : String(err) }))
+          : Promise.resolve({ ok: false as const, error: 'malformed control request' })
+        void reply.then((r) => {
+          if (!socket.destroyed) socket.write(`${JSON.stringify(r)}\n`)
+        })
+      })
+    })
+    const control = new ControlServer(server)
+    return new Promise((resolve, reject) => {
+      server.once('error', reject)
+      server.listen(socketPath, () => {
+        server.off('error', reject)
+        server.on('error', (err) => log.server('control socket error: %s', err.message))
+        resolve(control)
+      })
+    })
+  }
+
+  /** Stops listening (removing the socket file) and ends every connection. */
+  close(): Promise<void> {
+    for (const socket of this.sockets) socket.end()
+    return new Promise((resolve) => this.server.close(() => resolve()))
+  }
+}
+
+export class NoServerError extends Error {
+  override name = 'NoServerError'
+}
+
+export interface ControlAnswer {
+  reply: ControlReply
+  /** Resolves when the connection closes (the server closes it when it exits). */
+  closed: Promise<void>
+  /** Closes the connection from this side. */
+  hangUp(): void
+}
+
+/**
+ * Sends one request (timeoutMs may be Infinity) and resolves with the reply; the connection
+ * stays open until the server exits or hangUp(). Rejects with NoServerError when nothing
+ * listens on the socket.
+ */
+export function sendControlRequest(socketPath: string, request: ControlRequest, timeoutMs: number): Promise<ControlAnswer> {
+  return new Promise((resolve, reject) => {
+    const socket = createConnection(socketPath)
+    const closed = new Promise<void>((done) => socket.once('close', () => done()))
+    let answered = false
+    const timer = Number.isFinite(timeoutMs)
+      ? setTimeout(() => {
+          socket.destroy()
+          reject(new Error(`no answer from the qcow2fs server within ${Math.round(timeoutMs / 1000)} s`))
+        }, timeoutMs)
+      : undefined
+    socket.once('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer)
+      if (answered) return
+      if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED' || err.code === 'ENOTSOCK') reject(new NoServerError(err.message))
+      else reject(err)
+    })
+    socket.once('connect', () => socket.write(`${JSON.stringify(request)}\n`))
+    socket.once('close', () => {
+      clearTimeout(timer)
+      if (!answered) reject(new Error('the qcow2fs server closed the control connection without answering'))
+    })
+    onJsonLines(socket, (message) => {
+      if (answered) return
+      answered = true
+      clearTimeout(timer)
+      const reply = message as ControlReply
+      if (typeof reply !== 'object' || reply === null || typeof reply.ok !== 'boolean') {
+        socket.destroy()
+        reject(new Error('malformed reply from the qcow2fs server'))
+        return
+      }
+      resolve({ reply, closed, hangUp: () => socket.destroy() })
+    })
+  })
+}
