@@ -1,0 +1,279 @@
+/*
+ * `qcow2fs mount [-o OPTS] [-f] IMAGE... MOUNTPOINT`: exposes each image as MOUNTPOINT/STEM.raw.
+ *
+ * Without -f the server runs in the background: this command starts `qcow2fs __serve` as a
+ * detached process (its own session, stdin/stdout on /dev/null, stderr into the server log in
+ * the runtime directory), waits until it reports on a pipe that the mount is live or why it is
+ * not, prints the raw file paths, and exits. On failure the server has already closed what it
+ * opened and exits; this command waits for that, so nothing stays behind.
+ *
+ * `__serve` (hidden) is that background server: the mount options of `mount`, plus
+ * --ready-fd N, the pipe to report on.
+ */
+import { spawn } from 'node:child_process'
+import { closeSync, openSync, realpathSync, writeSync } from 'node:fs'
+import { resolve } from 'node:path'
+import { describeError } from '../../lib/errors.js'
+import { ensureRuntimeDir, serverLogPath } from '../../lib/fuse/control.js'
+import { MountFailure, MountServer, type ServerOptions } from '../../lib/fuse/server.js'
+import { Qcow2Image } from '../../lib/image.js'
+import { log } from '../../lib/log.js'
+import { EXIT_FAILURE, EXIT_OK, UsageError, parseCommandArgs, type Command } from '../command.js'
+
+/** How long `mount` waits for the background server to report. */
+const READY_TIMEOUT_MS = 60_000
+
+export interface MountOptions {
+  readOnly: boolean
+  snapshot?: string
+  l2CacheBytes?: number
+  allowOther: boolean
+}
+
+const KNOWN_OPTIONS = 'ro, rw, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other'
+
+/** BYTES with an optional K, M or G (binary) suffix. */
+export function parseByteSize(text: string): number | undefined {
+  const match = /^(\d+)([KMG]?)$/i.exec(text)
+  if (!match) return undefined
+  const shift = { '': 0, K: 10, M: 20, G: 30 }[match[2]!.toUpperCase() as '' | 'K' | 'M' | 'G']
+  const bytes = Number(match[1]) * 2 ** shift
+  return Number.isSafeInteger(bytes) && bytes > 0 ? bytes : undefined
+}
+
+/** Parses the -o lists (comma-separated, later values win); throws UsageError. */
+export function parseMountOptions(lists: readonly string[]): MountOptions {
+  const opts: MountOptions = { readOnly: true, allowOther: false }
+  for (const list of lists) {
+    for (const item of list.split(',')) {
+      if (item === '') continue
+      const eq = item.indexOf('=')
+      const key = eq < 0 ? item : item.slice(0, eq)
+      const value = eq < 0 ? undefined : item.slice(eq + 1)
+      switch (key) {
+        case 'ro':
+        case 'rw':
+        case 'allow_other':
+          if (value !== undefined) throw new UsageError(`mount option '${key}' takes no value`)
+          if (key === 'allow_other') opts.allowOther = true
+          else opts.readOnly = key === 'ro'
+          break
+        case 'snapshot':
+          if (!value) throw new UsageError(`mount option 'snapshot' needs a value: snapshot=NAME|ID`)
+          opts.snapshot = value
+          break
+        case 'cache-size': {
+          const bytes = value === undefined ? undefined : parseByteSize(value)
+          if (bytes === undefined) {
+            throw new UsageError(`bad mount option 'cache-size=${value ?? ''}': expected BYTES with an optional K, M or G suffix`)
+          }
+          opts.l2CacheBytes = bytes
+          break
+        }
+        default:
+          throw new UsageError(`unknown mount option '${key}' (known: ${KNOWN_OPTIONS})`)
+      }
+    }
+  }
+  // A snapshot is a view of the past: never writable.
+  if (opts.snapshot !== undefined) {
+    if (!opts.readOnly) throw new UsageError(`mount options 'rw' and 'snapshot' exclude each other: a snapshot is read-only`)
+  }
+  return opts
+}
+
+const OPTION_SPEC = {
+  options: { type: 'string', short: 'o', multiple: true },
+  foreground: { type: 'boolean', short: 'f' },
+} as const
+
+interface ParsedMount {
+  optionLists: string[]
+  opts: MountOptions
+  imagePaths: string[]
+  mountpoint: string
+}
+
+function parseMountArgs(values: { options?: string[] }, positionals: string[]): ParsedMount {
+  const optionLists = values.options ?? []
+  const opts = parseMountOptions(optionLists)
+  if (positionals.length < 2) throw new UsageError('expected IMAGE... MOUNTPOINT')
+  const imagePaths = positionals.slice(0, -1).map((p) => resolve(p))
+  const mountpoint = resolve(positionals[positionals.length - 1]!)
+  return { optionLists, opts, imagePaths, mountpoint }
+}
+
+function serverOptions(parsed: ParsedMount): ServerOptions {
+  const { opts } = parsed
+  return {
+    imagePaths: parsed.imagePaths,
+    mountpoint: parsed.mountpoint,
+    open: { readOnly: opts.readOnly, snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes },
+    allowOther: opts.allowOther,
+    openDisk: (imagePath, open) => Qcow2Image.open(imagePath, open),
+  }
+}
+
+/** Runs the server in this process until it shuts down; `onReady` reports the raw files. */
+async function serve(parsed: ParsedMount, onReady: (files: string[]) => void, onFailure: (message: string) => void): Promise<number> {
+  let server: MountServer
+  try {
+    server = await MountServer.start(serverOptions(parsed))
+  } catch (err) {
+    log.server('start failed: %O', err)
+    onFailure(err instanceof MountFailure ? err.message : describeError(err))
+    return EXIT_FAILURE
+  }
+  onReady(server.files)
+  return server.done
+}
+
+/** The script this process runs (dist/cli/main.js, or a link to it): the server re-runs it. */
+function cliEntry(): string {
+  const script = process.argv[1]
+  if (!script) throw new Error('cannot tell which script runs qcow2fs')
+  return resolve(script)
+}
+
+type ReadyMessage = { ok: true; files: string[] } | { ok: false; error: string }
+
+async function mountInBackground(parsed: ParsedMount): Promise<number> {
+  await ensureRuntimeDir()
+  let logKey = parsed.mountpoint
+  try {
+    logKey = realpathSync(parsed.mountpoint)
+  } catch {
+    // A missing mountpoint: the server reports it; its log goes under the path as given.
+  }
+  const logPath = serverLogPath(logKey)
+  const logFd = openSync(logPath, 'w', 0o600)
+  const args = [
+    cliEntry(),
+    serveCommand.name,
+    '--ready-fd',
+    '3',
+    ...parsed.optionLists.flatMap((list) => ['-o', list]),
+    '--',
+    ...parsed.imagePaths,
+    parsed.mountpoint,
+  ]
+  log.cli('starting server: %s %o (log %s)', process.execPath, args, logPath)
+  const child = spawn(process.execPath, [...process.execArgv, ...args], {
+    detached: true,
+    cwd: '/',
+    stdio: ['ignore', 'ignore', logFd, 'pipe'],
+  })
+  closeSync(logFd)
+  const exited = new Promise<number | null>((done) => {
+    if (child.exitCode !== null) done(child.exitCode)
+    else child.once('exit', (code, signal) => done(code ?? (signal ? 128 : null)))
+  })
+  const message = await new Promise<ReadyMessage | undefined>((done) => {
+    const pipe = child.stdio[3] as NodeJS.ReadableStream | null
+    let text = ''
+    const timer = setTimeout(() => done(undefined), READY_TIMEOUT_MS)
+    const finish = (m: ReadyMessage | undefined) => {
+      clearTimeout(timer)
+      done(m)
+    }
+    child.once('error', (err) => finish({ ok: false, error: `cannot start the server: ${err.message}` }))
+    if (!pipe) return finish({ ok: false, error: 'cannot start the server: no report pipe' })
+    pipe.setEncoding('utf8')
+    pipe.on('data', (chunk: string) => {
+      text += chunk
+      const newline = text.indexOf('\n')
+      if (newline < 0) return
+      try {
+        finish(JSON.parse(text.slice(0, newline)) as ReadyMessage)
+      } catch {
+        finish({ ok: false, error: 'the server sent a malformed report' })
+      }
+    })
+    pipe.on('end', () => finish(undefined))
+  })
+  const pipe = child.stdio[3] as (NodeJS.ReadableStream & { destroy(): void }) | null
+  if (message?.ok) {
+    pipe?.destroy()
+    child.unref()
+    for (const file of message.files) process.stdout.write(`${file}\n`)
+    return EXIT_OK
+  }
+  if (!message) {
+    // Silent: it crashed, or it hangs. Ask it to stop cleanly, then wait for it.
+    if (child.exitCode === null) child.kill('SIGTERM')
+  }
+  const code = await exited
+  pipe?.destroy()
+  const reason = message && !message.ok ? message.error : `the mount server exited (status ${code}) before the mount was ready; see ${logPath}`
+  process.stderr.write(`qcow2fs: ${reason.replace(/\s*\n\s*/g, ' ')}\n`)
+  return EXIT_FAILURE
+}
+
+export const mountCommand: Command = {
+  name: 'mount',
+  summary: 'mount images as MOUNTPOINT/STEM.raw files',
+  usage: [
+    'Usage: qcow2fs mount [-o OPTIONS] [-f] IMAGE... MOUNTPOINT',
+    '',
+    'Exposes each qcow2 IMAGE as the raw file MOUNTPOINT/STEM.raw (disk.qcow2 -> disk.raw).',
+    'MOUNTPOINT must be an empty directory. The server runs in the background; the command',
+    'prints the raw file paths once the mount is live. Stop it with `qcow2fs unmount MOUNTPOINT`',
+    '(or umount / fusermount -u / SIGTERM to the server).',
+    '',
+    'Options:',
+    '  -o OPTIONS        comma-separated mount options (may be repeated):',
+    '                      ro                    read-only (the default)',
+    '                      rw                    read-write: writes go into the images',
+    '                      snapshot=NAME|ID      show an internal snapshot instead (read-only)',
+    '                      cache-size=BYTES[K|M|G]  L2 table cache per image',
+    '                      allow_other           let other users access the mount',
+    '  -f, --foreground  run the server in the foreground until unmounted',
+    '',
+    'Server logs: DEBUG=qcow2fs:* qcow2fs mount ...; the background server writes them to a',
+    'log file in $XDG_RUNTIME_DIR/qcow2fs-UID/ (or the temp directory).',
+  ].join('\n') + '\n',
+  async run(argv: string[]): Promise<number> {
+    const { values, positionals } = parseCommandArgs(argv, OPTION_SPEC)
+    const parsed = parseMountArgs(values, positionals)
+    if (!values.foreground) return mountInBackground(parsed)
+    return serve(
+      parsed,
+      (files) => {
+        for (const file of files) process.stdout.write(`${file}\n`)
+      },
+      (message) => process.stderr.write(`qcow2fs: ${message}\n`),
+    )
+  },
+}
+
+export const serveCommand: Command = {
+  name: '__serve',
+  summary: 'internal: the background mount server',
+  usage: 'Usage: qcow2fs __serve --ready-fd N [-o OPTIONS] IMAGE... MOUNTPOINT (started by qcow2fs mount)\n',
+  async run(argv: string[]): Promise<number> {
+    const { values, positionals } = parseCommandArgs(argv, { ...OPTION_SPEC, 'ready-fd': { type: 'string' } })
+    const readyFd = Number(values['ready-fd'])
+    if (!Number.isInteger(readyFd) || readyFd < 3) throw new UsageError('--ready-fd N (N >= 3) is required')
+    const report = (message: ReadyMessage) => {
+      try {
+        writeSync(readyFd, `${JSON.stringify(message)}\n`)
+        closeSync(readyFd)
+      } catch (err) {
+        // `mount` gave up waiting; the server keeps serving, unmount still works.
+        log.server('cannot report readiness: %s', describeError(err))
+      }
+    }
+    let parsed: ParsedMount
+    try {
+      parsed = parseMountArgs(values, positionals)
+    } catch (err) {
+      report({ ok: false, error: describeError(err) })
+      return EXIT_FAILURE
+    }
+    return serve(
+      parsed,
+      (files) => report({ ok: true, files }),
+      (error) => report({ ok: false, error }),
+    )
+  },
+}
