@@ -13,12 +13,14 @@ import { log } from '../lib/log.js'
 import { EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, type Command } from './command.js'
 import { PROGRAM, formatMainHelp, makeHelpCommand } from './commands/help.js'
 import { infoCommand } from './commands/info.js'
+import { mountCommand, serveCommand } from './commands/mount.js'
+import { unmountCommand } from './commands/unmount.js'
 
 /** Commands shown by `qcow2fs --help`, in this order. */
-const listedCommands: Command[] = [infoCommand]
+const listedCommands: Command[] = [mountCommand, unmountCommand, infoCommand]
 const helpCommand = makeHelpCommand(listedCommands)
-/** Internal commands: dispatched, never listed. */
-const hiddenCommands: Command[] = []
+/** Internal commands: dispatched, never listed (`__serve` is the background mount server). */
+const hiddenCommands: Command[] = [serveCommand]
 const allCommands: Command[] = [...listedCommands, helpCommand, ...hiddenCommands]
 
 /** Collapses any text to one line so a message can never spill over several. */

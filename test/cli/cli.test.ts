@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import { beforeAll, describe, expect, it } from 'vitest'
 import { REPO_ROOT, ensureBuilt, runCli, stderrLines, type CliResult } from './helpers.js'
 
-const LISTED_COMMANDS = ['info', 'help']
+const LISTED_COMMANDS = ['mount', 'unmount', 'info', 'help']
 
 beforeAll(() => {
   ensureBuilt()
@@ -47,6 +47,14 @@ describe('qcow2fs --help', () => {
     const viaHelp = runCli(['help', 'info'])
     expect(viaHelp.status).toBe(0)
     expect(viaHelp.stdout).toBe(plain.stdout)
+  })
+
+  it('every listed command has a usage starting with its synopsis', () => {
+    for (const name of LISTED_COMMANDS) {
+      const result = runCli([name, '--help'])
+      expect(result.status).toBe(0)
+      expect(result.stdout).toMatch(new RegExp(`^Usage: qcow2fs ${name}\\b`))
+    }
   })
 
   it('help without a command prints the main help', () => {
@@ -95,6 +103,12 @@ describe('usage errors exit 2 with one line', () => {
     expectUsageError(runCli(['info']), /missing IMAGE/)
     expectUsageError(runCli(['info', 'a.qcow2', 'b.qcow2']), /one IMAGE/)
     expectUsageError(runCli(['info', '--json=yes', 'a.qcow2']), /--json/)
+  })
+
+  it('a bad mount option or a missing mountpoint', () => {
+    expectUsageError(runCli(['mount', '-o', 'frob', 'a.qcow2', 'mnt']), /unknown mount option 'frob'/)
+    expectUsageError(runCli(['mount', 'a.qcow2']), /MOUNTPOINT/)
+    expectUsageError(runCli(['unmount']), /MOUNTPOINT/)
   })
 
   it('help for an unknown command', () => {
