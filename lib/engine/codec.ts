@@ -38,13 +38,25 @@ export function decompressCluster(type: number, input: Uint8Array, out: Uint8Arr
   }
   let produced: Buffer
   try {
-    produced = zlib.inflateRawSync(input, { chunkSize: Math.max(out.length, 64), maxOutputLength: out.length * MAX_INFLATE_OVERRUN_CLUSTERS })
+    produced = zlib.inflateRawSync(input, inflateOptions(out.length))
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
-      throw new CorruptImageError(`compressed cluster inflates to more than ${MAX_INFLATE_OVERRUN_CLUSTERS} clusters`, { cause: err })
-    }
-    throw new CorruptImageError(`compressed cluster is damaged (${(err as Error).message})`, { cause: err })
+    throw inflateError(err)
   }
+  takeCluster(produced, out)
+}
+
+function inflateOptions(clusterSize: number): zlib.ZlibOptions {
+  return { chunkSize: Math.max(clusterSize, 64), maxOutputLength: clusterSize * MAX_INFLATE_OVERRUN_CLUSTERS }
+}
+
+function inflateError(err: unknown): CorruptImageError {
+  if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
+    return new CorruptImageError(`compressed cluster inflates to more than ${MAX_INFLATE_OVERRUN_CLUSTERS} clusters`, { cause: err })
+  }
+  return new CorruptImageError(`compressed cluster is damaged (${(err as Error).message})`, { cause: err })
+}
+
+function takeCluster(produced: Uint8Array, out: Uint8Array): void {
   if (produced.length < out.length) {
     throw new CorruptImageError(`compressed cluster inflates to ${produced.length} bytes, not ${out.length}`)
   }
