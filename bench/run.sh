@@ -330,7 +330,7 @@ done
 
 # The qcow2fs engine without FUSE (bench/engine-read.mjs), for splitting the mount's figures
 # into engine time and FUSE round trip. Random cases run ENGINE_RANDOM_S seconds.
-ENGINE_RANDOM_S=5
+ENGINE_RANDOM_S=3
 if wants engine; then
   TARGETS+=("engine|allocated|-|$ALLOCATED" "engine|compressed|-|$COMPRESSED")
 fi

@@ -22,7 +22,9 @@ const DEFAULT_OPTIONS =
 /** fuse-native builds its option string from a fixed set of flags; this takes a whole string. */
 class ZeroFuse extends Fuse {
   constructor(mountpoint, ops, optionString) {
-    super(mountpoint, ops, { force: true })
+    // No per-operation reply timers: qcow2fs runs reads without them too (lib/fuse/adapter.ts),
+    // and fuse-native's default arms and clears a timer for every request.
+    super(mountpoint, ops, { force: true, timeout: false })
     this.optionString = optionString
   }
 
