@@ -227,6 +227,8 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
 
   readSync(buf: Uint8Array, guestOffset: number): void {
     if (this.#closed) throw new ClosedError()
+    // Damage found by a read fails the read (EIO) and changes nothing: only writes set the
+    // corrupt bit.
     this.#readPath.readSync(buf, guestOffset)
   }
 

@@ -128,6 +128,7 @@ export class WritePath {
   #writeInCluster(clusterGuestOffset: number, offsetInCluster: number, chunk: Uint8Array): void {
     const g = this.#g
     const ref = this.#entryForWrite(clusterGuestOffset)
+    this.#checkBitmap(ref, clusterGuestOffset)
     if (isAllZero(chunk) && this.#tryZeroWrite(clusterGuestOffset, offsetInCluster, chunk.length, ref)) return
 
     const type = clusterTypeOf(ref.hi, ref.lo, g.extendedL2, false)
@@ -349,6 +350,17 @@ export class WritePath {
     }
     const host = l2EntryHostOffset(ref.hi, ref.lo)
     if (host !== 0) this.#refcounts.decrementLater(host / cs)
+  }
+
+  /**
+   * An extended L2 entry whose bitmap contradicts itself (a subcluster both allocated and zero,
+   * or allocated without a host cluster) is corrupt: refuse to build on it (QEMU does the same).
+   */
+  #checkBitmap(ref: EntryRef, clusterGuestOffset: number): void {
+    if (!this.#g.extendedL2 || (ref.zeroBits === 0 && ref.allocBits === 0)) return
+    if (subclusterTypeOf(ref.hi, ref.lo, ref.zeroBits, ref.allocBits, 0, true, false) === SubclusterType.INVALID) {
+      throw new CorruptImageError(`invalid subcluster allocation bitmap for guest offset ${hex(clusterGuestOffset)}`)
+    }
   }
 
   #checkDataCluster(host: number): void {
