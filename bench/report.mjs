@@ -163,6 +163,18 @@ for (const c of CASES) {
       )
     }
   }
+  // The two targets ran back to back in each repetition: their per-repetition ratio shows how
+  // much of a difference is noise of the machine.
+  for (const image of IMAGES) {
+    const ours = samples.get(`${c.id}|qcow2fs|${image}`)
+    const qsd = samples.get(`${c.id}|qsd|${image}`)
+    if (!ours || !qsd || ours.length !== qsd.length) continue
+    const ratios = ours.map((v, i) => v / qsd[i])
+    out.push(
+      `| ${c.id} | qcow2fs / qsd, same repetition | ${image} | ` +
+        `${ratios.map((r) => r.toFixed(2) + 'x').join(', ')} | ${median(ratios).toFixed(2)}x |`,
+    )
+  }
 }
 const report = out.join('\n') + '\n'
 

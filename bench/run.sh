@@ -380,6 +380,9 @@ measure_engine() { # MODE IMAGE -> MB/s or IOPS
 }
 
 LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
+if awk -v load="${LOAD_BEFORE%% *}" -v cpus="$(nproc)" 'BEGIN { exit !(load > cpus / 2) }'; then
+  log "warning: load average $LOAD_BEFORE on $(nproc) CPUs: other work will skew the figures"
+fi
 printf 'rep\tcase\tkind\timage\tvalue\n' >"$SAMPLES"
 runs_per_rep=$((${#CASES[@]} * ${#TARGETS[@]}))
 log "measuring: ${#TARGETS[@]} targets (engine ones without FUSE) x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
