@@ -11,13 +11,14 @@ import { fileURLToPath } from 'node:url'
 import { describeError } from '../lib/errors.js'
 import { log } from '../lib/log.js'
 import { EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, type Command } from './command.js'
+import { createCommand } from './commands/create.js'
 import { PROGRAM, formatMainHelp, makeHelpCommand } from './commands/help.js'
 import { infoCommand } from './commands/info.js'
 import { mountCommand, serveCommand } from './commands/mount.js'
 import { unmountCommand } from './commands/unmount.js'
 
 /** Commands shown by `qcow2fs --help`, in this order. */
-const listedCommands: Command[] = [mountCommand, unmountCommand, infoCommand]
+const listedCommands: Command[] = [mountCommand, unmountCommand, infoCommand, createCommand]
 const helpCommand = makeHelpCommand(listedCommands)
 /** Internal commands: dispatched, never listed (`__serve` is the background mount server). */
 const hiddenCommands: Command[] = [serveCommand]
