@@ -178,8 +178,9 @@ export const createCommand: Command = {
       })
     } catch (err) {
       // Only a file this run created is removed; an existing one was never touched.
-      if (created) fs.rmSync(imagePath, { force: true })
-      throw err
+      if (!created) throw err
+      fs.rmSync(imagePath, { force: true })
+      throw new Error(`cannot write '${imagePath}' (the partial file was removed): ${describeError(err)}`, { cause: err })
     }
     if (values.quiet !== true) process.stdout.write(describePlan(imagePath, plan) + '\n')
     return EXIT_OK

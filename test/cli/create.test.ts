@@ -5,14 +5,15 @@
  * `qcow2fs: ...` on stderr, exit code 2 for usage errors and 1 for file problems, and no file
  * created or changed.
  */
-import { lstatSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { existsSync, lstatSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, test } from 'vitest'
 import { CREATE_OPTIONS, createCommand, parseSizeArgument } from '../../cli/commands/create.js'
 import { UsageError } from '../../cli/command.js'
 import { parseBackingFileName, parseHeader, parseHeaderExtensions } from '../../lib/format/header.js'
 import { requireQemu } from '../helpers/qemu.js'
-import { type CliResult, ensureBuilt, makeTempDir, removeTempDir, run, runCli, sha256File, stderrLines } from './helpers.js'
+import { CLI_PATH, type CliResult, ensureBuilt, makeTempDir, removeTempDir, run, runCli, sha256File, stderrLines } from './helpers.js'
 
 const KiB = 1024
 const MiB = 1024 * KiB
@@ -192,6 +193,19 @@ describeQemu('qcow2fs create', () => {
     const result = runCli(['create', '-q', '-b', 'base.raw', 'from-raw.qcow2'], { cwd: dir })
     expect(result.status, result.stderr).toBe(0)
     expect(qemuInfo('from-raw.qcow2')['virtual-size']).toBe(Math.ceil((3 * MiB + 100) / 512) * 512)
+  })
+
+  test('a write that fails removes the partial file', () => {
+    // A 100 KiB file size limit: Node ignores SIGXFSZ, so growing the file fails with EFBIG.
+    const result = spawnSync('sh', ['-c', `ulimit -f 100; exec "$0" "$@"`, process.execPath, CLI_PATH, 'create', 'limited.qcow2', '1G'], {
+      cwd: dir,
+      encoding: 'utf8',
+      timeout: 30_000,
+    })
+    expect(result.status, result.stderr).toBe(1)
+    expect(result.stderr).toMatch(/^qcow2fs: cannot write 'limited.qcow2' \(the partial file was removed\): EFBIG/)
+    expect(stderrLines({ ...result, signal: null, elapsedMs: 0 })).toHaveLength(1)
+    expect(existsSync(join(dir, 'limited.qcow2'))).toBe(false)
   })
 
   const refusals: { name: string; args: string[]; status: number; message: RegExp }[] = [
