@@ -53,10 +53,15 @@ export interface AllowedState {
   sizes: number[]
 }
 
-/** What a crash after `changes` changes may show (flushPoints ordered by change count). */
-export function allowedState(flushPoints: readonly FlushPoint[], ops: readonly OpRecord[], changes: number): AllowedState {
+/**
+ * What a crash may show when changes[0..durable) all reached the file and nothing at or past
+ * `changes` did (flushPoints ordered by change count). For a crash after a prefix both are the
+ * prefix length; when writes since the last sync land in another order, `durable` is where
+ * that sync was and `changes` is one past the last write that landed.
+ */
+export function allowedState(flushPoints: readonly FlushPoint[], ops: readonly OpRecord[], changes: number, durable = changes): AllowedState {
   let flush = flushPoints[0]!
-  for (const f of flushPoints) if (f.change <= changes) flush = f
+  for (const f of flushPoints) if (f.change <= durable) flush = f
   const later = ops.slice(flush.opCount).filter((op) => op.startChange < changes)
   const sizes = [flush.model.length, ...later.map((op) => op.sizeAfter)]
   return { flush, later, sizes }

@@ -12,6 +12,11 @@
  *    equals the model (so our engine and QEMU read the same thing);
  *  - an internal snapshot still reads exactly as before the workload.
  *
+ * A disk may also persist the writes since the last sync in any order, so a second pass takes,
+ * for a spread of epochs (runs of writes between two syncs), everything before the epoch plus a
+ * random subset of it that is not a prefix, and checks it the same way. Self-tests show that a
+ * damaged write order, a lost data write and a missing sync are caught.
+ *
  * qemu-img check runs on two slot files (a prefix each, in turn) so two checks overlap while
  * the engine checks the next prefix in memory.
  */
@@ -24,7 +29,7 @@ import { MemoryBlockFile } from '../helpers/memory-file.js'
 import { type QemuTools, makeTempDir, qemuImg, removeTempDir, requireQemu } from '../helpers/qemu.js'
 import { type FileChange, applyChange } from '../helpers/recording-file.js'
 import { type AllowedState, allowedState, firstDisallowedByte, qemuCheck } from './crash-check.js'
-import { type FlushPoint, type Recording, recordWorkload, workloads } from './workloads.js'
+import { type FlushPoint, type Recording, type Workload, makeRandom, recordWorkload, workloads } from './workloads.js'
 
 const qemu = requireQemu('crash replay')
 const describeQemu = describe.skipIf(!qemu)
@@ -223,18 +228,104 @@ async function replayPrefixes(
   return { failures, prefixes, leaky, compared }
 }
 
-describeQemu('crash after any write: every prefix of the write log', () => {
-  test.each(workloads.map((w, i) => ({ ...w, slug: `w${i}` })))('$name', async (w) => {
-    const tools = qemu as QemuTools
-    const workDir = path.join(dir, w.slug)
+/** Crash states checked per workload with writes since the last sync landing out of order. */
+const MAX_REORDERED_STATES = 40
+
+/**
+ * Crashes where only some of the writes since the last sync reached the file (the disk may
+ * reorder anything not separated by a sync): for up to MAX_REORDERED_STATES epochs (runs of
+ * writes between two syncs) with two or more writes, one seeded random subset of the epoch that
+ * is not a prefix of it, on top of everything before the epoch.
+ */
+async function replayReorderedEpochs(tools: QemuTools, rec: Recording, seed: number): Promise<{ failures: string[]; states: number }> {
+  const changes = rec.changes
+  const random = makeRandom(seed)
+  // Epoch boundaries: the change counts at syncs (and the start and the end of the log).
+  const bounds = [...new Set([0, ...rec.events.filter((e) => e.kind === 'sync').map((e) => e.change), changes.length])].sort((a, b) => a - b)
+  const epochs: { start: number; end: number }[] = []
+  for (let i = 0; i + 1 < bounds.length; i++) if (bounds[i + 1]! - bounds[i]! >= 2) epochs.push({ start: bounds[i]!, end: bounds[i + 1]! })
+  // A spread of epochs: every n-th one.
+  const step = Math.max(1, epochs.length / MAX_REORDERED_STATES)
+  const chosen = new Set<number>()
+  for (let x = 0; x < epochs.length && chosen.size < MAX_REORDERED_STATES; x += step) chosen.add(Math.floor(x))
+
+  const failures: string[] = []
+  const base = MemoryBlockFile.fromBytes(rec.imagePath, rec.initialBytes)
+  let applied = 0
+  let states = 0
+  for (const index of [...chosen].sort((a, b) => a - b)) {
+    if (failures.length >= MAX_FAILURES) break
+    const { start, end } = epochs[index]!
+    for (; applied < start; applied++) applyChange(base, changes[applied]!)
+    // A random subset that is not a prefix of the epoch (prefixes are checked elsewhere).
+    let subset: number[] = []
+    for (let attempt = 0; attempt < 20; attempt++) {
+      subset = []
+      for (let c = start; c < end; c++) if (random.float() < 0.5) subset.push(c)
+      const isPrefix = subset.every((c, i) => c === start + i)
+      if (!isPrefix) break
+    }
+    if (subset.every((c, i) => c === start + i)) subset = [end - 1]
+    states++
+    const failure = await checkPartialCrash(tools, rec, base, start, subset)
+    if (failure !== undefined) failures.push(failure)
+  }
+  return { failures, states }
+}
+
+/**
+ * The crash image made of `durable` (the file after changes[0..start)) plus only the changes
+ * numbered in `subset` (all at or past start): qemu-img check, then our engine's read check.
+ */
+async function checkPartialCrash(tools: QemuTools, rec: Recording, durable: MemoryBlockFile, start: number, subset: readonly number[]): Promise<string | undefined> {
+  const changes = rec.changes
+  const crash = MemoryBlockFile.fromBytes(rec.imagePath, durable.bytes())
+  for (const c of subset) applyChange(crash, changes[c]!)
+  const state = allowedState(rec.flushPoints, rec.ops, Math.max(start, ...subset.map((c) => c + 1)), start)
+  const label = `changes 0..${start - 1} and then only ${subset.join(', ')} (${subset.map((c) => describeChange(changes[c]!)).join('; ')}); ${opsText(state)}`
+  const file = path.join(path.dirname(rec.imagePath), 'partial-crash.qcow2')
+  fs.writeFileSync(file, crash.bytes())
+  const report = await qemuCheck(tools.qemuImg, file)
+  if (report.corruptions > 0 || report.checkErrors > 0) {
+    return `${label}: qemu-img check: ${report.corruptions} corruptions, ${report.checkErrors} check errors\n${report.text}`
+  }
+  const problem = await engineCheck(rec, crash, state)
+  return problem === undefined ? undefined : `${label}: ${problem}`
+}
+
+const recordings = new Map<Workload, Promise<Recording>>()
+function recordingOf(w: Workload): Promise<Recording> {
+  let rec = recordings.get(w)
+  if (!rec) {
+    const workDir = path.join(dir, `w${workloads.indexOf(w)}`)
     fs.mkdirSync(workDir)
-    const rec = await recordWorkload(tools, w, workDir)
+    rec = recordWorkload(qemu as QemuTools, w, workDir)
+    recordings.set(w, rec)
+  }
+  return rec
+}
+
+describeQemu('crash after any write: every prefix of the write log', () => {
+  test.each(workloads)('$name', async (w) => {
+    const tools = qemu as QemuTools
+    const rec = await recordingOf(w)
+    const workDir = path.dirname(rec.imagePath)
     const flushes = rec.flushPoints.length - 1
     expect(flushes, 'the workload flushes').toBeGreaterThan(1)
     const result = await replayPrefixes(tools, rec, workDir)
     expect(result.failures, `${rec.name}: failing prefixes (of ${result.prefixes}):\n${result.failures.join('\n\n')}`).toEqual([])
     expect(result.compared, 'prefixes compared with qemu-img at flush points').toBeGreaterThanOrEqual(2)
     process.stdout.write(`${w.name}: ${result.prefixes} prefixes, ${rec.ops.length} ops, ${flushes} flushes, ${result.leaky} prefixes with leaks, ${result.compared} compared with qemu-img\n`)
+  })
+})
+
+describeQemu('crash with the writes since the last sync landing out of order', () => {
+  test.each(workloads)('$name', async (w) => {
+    const tools = qemu as QemuTools
+    const rec = await recordingOf(w)
+    const result = await replayReorderedEpochs(tools, rec, w.seed)
+    expect(result.failures, `${rec.name}: failing crash states (of ${result.states}):\n${result.failures.join('\n\n')}`).toEqual([])
+    expect(result.states, 'epochs with two or more writes').toBeGreaterThan(5)
   })
 })
 
@@ -285,5 +376,31 @@ describeQemu('the replay catches lost data', () => {
     const text = result.failures.join('\n')
     expect(text, 'the engine read check').toMatch(/guest byte 0x[0-9a-f]+ reads/)
     expect(text, 'qemu-img compare at the flush').toMatch(/qemu-img compare with the model/)
+  })
+})
+
+describeQemu('the out-of-order check catches a missing sync', () => {
+  test('L2 entries landing without the refcount block written before them', async () => {
+    const tools = qemu as QemuTools
+    const workDir = path.join(dir, 'missing-sync')
+    fs.mkdirSync(workDir)
+    const rec = await recordWorkload(tools, workloads[0]!, workDir)
+    // A flush whose refcount block writes precede its L2 writes: were the sync between them
+    // missing, the L2 write could land alone.
+    const events = rec.events
+    const begin = events.findIndex((e, i) => {
+      if (e.kind !== 'mark' || e.label !== 'flush-begin') return false
+      const end = events.findIndex((x, j) => j > i && x.kind === 'mark' && x.label === 'flush-end')
+      const inFlush = events.slice(i, end)
+      const firstL2 = inFlush.findIndex((x) => x.kind === 'write' && x.tag === 'l2')
+      return firstL2 > 0 && inFlush.slice(0, firstL2).some((x) => x.kind === 'write' && x.tag === 'refblock')
+    })
+    expect(begin).toBeGreaterThanOrEqual(0)
+    const refblock = events.find((e, j) => j > begin && e.kind === 'write' && e.tag === 'refblock')! as FileChange
+    const l2 = events.find((e, j) => j > begin && e.kind === 'write' && e.tag === 'l2')! as FileChange
+    const durable = MemoryBlockFile.fromBytes(rec.imagePath, rec.initialBytes)
+    for (let c = 0; c < refblock.change; c++) applyChange(durable, rec.changes[c]!)
+    const failure = await checkPartialCrash(tools, rec, durable, refblock.change, [l2.change])
+    expect(failure ?? 'no failure').toMatch(/qemu-img check: [1-9]\d* corruptions/)
   })
 })
