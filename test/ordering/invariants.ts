@@ -10,14 +10,18 @@
  *   L1      an 'l1' write finds only unsynced 'l1' writes (O2, O4: L2 tables durable first)
  *   REFTAB  a 'reftable' write finds no unsynced 'refblock' write (O3)
  *   HEADER  a 'header' write finds only unsynced 'header' writes (O3, O4, O6: the tables it
- *           points to, and everything else, durable first)
+ *           points to, and everything else, durable first); and no other write comes before
+ *           a header write is synced (the header is the last step of a flush, and the first
+ *           write's header preparation reaches the disk before anything else)
  *   DECR    a 'refblock' write that lowers a refcount finds no unsynced l2, l1, header or
  *           reftable write (O5: the metadata that dropped the reference is durable first)
  *   END     nothing is left unsynced when the flush returns
  * Everywhere:
  *   OUTSIDE between flushes only data, cow, compressed and 'l2' writes happen, and an 'l2'
  *           write there goes to a table the active L1 does not point to (a new table or a
- *           copy): "between flushes metadata is only in memory"
+ *           copy): "between flushes metadata is only in memory". The one exception is the
+ *           header preparation before the first write (autoclear bits cleared, dirty bit
+ *           set): 'header' writes before any other write.
  *   SNAP    nothing is written into a cluster an internal snapshot reaches (its L1 table, L2
  *           tables, data clusters) or into the snapshot table
  */
@@ -60,12 +64,14 @@ export function checkOrdering(initialBytes: Uint8Array, events: readonly Recorde
     return file.pread(buf, at)
   }
   const violations: string[] = []
-  const applied: Record<string, number> = { L2: 0, L1: 0, REFTAB: 0, HEADER: 0, DECR: 0, END: 0, OUTSIDE: 0, SNAP: 0 }
+  const applied: Record<string, number> = { L2: 0, L1: 0, REFTAB: 0, HEADER: 0, DECR: 0, END: 0, OUTSIDE: 0, PREPARE: 0, SNAP: 0 }
   const start = readHeaderFields(read)
   const protectedClusters = snapshotClusters(read, start)
 
   let unsynced: WriteEvent[] = []
   let inFlush = false
+  /** A write other than 'header' happened (the header preparation is over). */
+  let wroteOther = false
   const violate = (rule: string, e: WriteEvent | undefined, what: string): void => {
     violations.push(`${rule}: ${e ? describeWrite(e) + ': ' : ''}${what}`)
   }
@@ -106,9 +112,20 @@ export function checkOrdering(initialBytes: Uint8Array, events: readonly Recorde
       }
     }
 
+    if (e.tag === 'header') {
+      applied.HEADER!++
+      const bad = pendingExcept(['header'])
+      if (bad.length > 0) violate('HEADER', e, `unsynced ${tagsOf(bad)} writes before it`)
+    } else {
+      const header = pendingOf(['header'])
+      if (header.length > 0) violate('HEADER', e, `written before the header write of event ${header[0]!.seq} was synced`)
+    }
+
     if (!inFlush) {
       applied.OUTSIDE!++
-      if (!DATA_TAGS.has(e.tag) && e.tag !== 'l2') {
+      if (e.tag === 'header' && !wroteOther) {
+        applied.PREPARE!++
+      } else if (!DATA_TAGS.has(e.tag) && e.tag !== 'l2') {
         violate('OUTSIDE', e, 'metadata written outside flush()')
       } else if (e.tag === 'l2') {
         const live = l2TableOffsets(read, { l1TableOffset: h.l1TableOffset, l1Size: h.l1Size })
@@ -134,12 +151,6 @@ export function checkOrdering(initialBytes: Uint8Array, events: readonly Recorde
           if (bad.length > 0) violate('REFTAB', e, `${bad.length} unsynced refcount block writes before it`)
           break
         }
-        case 'header': {
-          applied.HEADER!++
-          const bad = pendingExcept(['header'])
-          if (bad.length > 0) violate('HEADER', e, `unsynced ${tagsOf(bad)} writes before it`)
-          break
-        }
         default:
           break
       }
@@ -152,6 +163,7 @@ export function checkOrdering(initialBytes: Uint8Array, events: readonly Recorde
     }
     file.pwrite(e.bytes, e.hostOffset, e.tag)
     unsynced.push(e)
+    if (e.tag !== 'header') wroteOther = true
   }
   return { violations, applied }
 }

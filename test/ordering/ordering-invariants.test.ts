@@ -77,7 +77,7 @@ describeQemu('metadata write ordering on the recorded logs', () => {
       const report = checkOrdering((await recordingOf(w)).initialBytes, (await recordingOf(w)).events)
       for (const [rule, n] of Object.entries(report.applied)) totals[rule] = (totals[rule] ?? 0) + n
     }
-    for (const rule of ['L2', 'L1', 'REFTAB', 'HEADER', 'DECR', 'END', 'OUTSIDE', 'SNAP']) {
+    for (const rule of ['L2', 'L1', 'REFTAB', 'HEADER', 'DECR', 'END', 'OUTSIDE', 'PREPARE', 'SNAP']) {
       expect(totals[rule], `rule ${rule} was never applied`).toBeGreaterThan(0)
     }
   })
@@ -143,6 +143,13 @@ describeQemu('metadata write ordering on the recorded logs', () => {
       const events = [...rec.events.slice(0, end - 1), ...rec.events.slice(end)]
       const report = checkOrdering(rec.initialBytes, events)
       expect(report.violations.some((v) => v.startsWith('END:'))).toBe(true)
+    })
+
+    test('a data write before the header preparation is synced', async () => {
+      const rec = await recordingOf(byName('header is prepared'))
+      const at = rec.events.findIndex((e) => e.kind === 'write' && e.tag !== 'header')
+      const report = checkOrdering(rec.initialBytes, withoutSyncBefore(rec.events, at))
+      expect(report.violations.some((v) => v.startsWith('HEADER:') && v.includes('was synced'))).toBe(true)
     })
 
     test('a write into a snapshot cluster', async () => {

@@ -553,4 +553,79 @@ export const workloads: Workload[] = [
       need(countTag(rec, 'l1') > 0, rec, 'L1 entries dropped')
     },
   },
+  {
+    name: '64-bit refcounts, 512-byte clusters: the refcount table grows from one cluster',
+    seed: 0x64,
+    async make(tools, dir) {
+      // 64-bit refcounts: a 512-byte block holds 64 entries, so the one-cluster table covers
+      // 64 x 64 x 512 bytes = 2 MiB of file. Fill until the file ends just below that.
+      const image = path.join(dir, 'refcount64.qcow2')
+      await create(tools, image, ['cluster_size=512', 'refcount_bits=64'], 4 * MiB)
+      const target = 2 * MiB - 16 * KiB
+      let guest = 0
+      for (let round = 0; round < 6; round++) {
+        const fileSize = fs.statSync(image).size
+        if (fileSize >= target - 4 * KiB) break
+        const bytes = Math.max(512, Math.floor(((target - fileSize) * 0.9) / 512) * 512)
+        await qemuIo(tools, image, [`write -P 0x${(0x40 + round).toString(16)} ${guest} ${bytes}`])
+        guest += bytes
+      }
+      return { imagePath: image }
+    },
+    async run(d) {
+      for (let i = 0; i < 40; i++) {
+        if (d.random.float() < 0.6) await d.write(2 * MiB + d.random.int(1900 * KiB), d.random.between(1, 4 * KiB))
+        else await d.randomOp({ lo: 0, hi: 1800 * KiB, maxLength: 3 * KiB, zeroShare: 0.6 })
+        if (d.random.float() < 0.25) await d.flush()
+      }
+    },
+    exercised(rec) {
+      need(rec.headerBefore.refcountOrder === 6, rec, '64-bit refcounts')
+      need(rec.headerAfter.refcountTableOffset !== rec.headerBefore.refcountTableOffset, rec, 'a refcount table move')
+    },
+  },
+  {
+    name: '1-bit refcounts, lazy refcounts and a bitmap: the header is prepared at the first write',
+    seed: 0x1a2,
+    async make(tools, dir) {
+      // The first write clears the bitmap's autoclear bit and sets the dirty bit (lazy
+      // refcounts) before anything else reaches the file.
+      const image = path.join(dir, 'lazy-bitmap.qcow2')
+      await create(tools, image, ['cluster_size=4096', 'refcount_bits=1', 'lazy_refcounts=on'], 4 * MiB)
+      await qemuIo(tools, image, ['write -P 0x31 0 1M', 'write -P 0x32 2M 512k'])
+      await qemuImg(tools, ['bitmap', '--add', image, 'b0'])
+      return { imagePath: image }
+    },
+    async run(d) {
+      for (let i = 0; i < 60; i++) {
+        await d.randomOp({ maxLength: 12 * KiB, zeroShare: 0.5 })
+        if (d.random.float() < 0.25) await d.flush()
+      }
+    },
+    exercised(rec) {
+      need(rec.headerBefore.refcountOrder === 0, rec, '1-bit refcounts')
+      need(rec.changes[0]?.kind === 'write' && rec.changes[0].tag === 'header', rec, 'a header update before the first data write')
+    },
+  },
+  {
+    name: 'compat=0.10 over a raw backing file: zeros are written as data',
+    seed: 0x2b,
+    async make(tools, dir) {
+      const base = path.join(dir, 'v2-base.raw')
+      fs.writeFileSync(base, Buffer.alloc(3 * MiB, 0x6b))
+      const image = path.join(dir, 'v2.qcow2')
+      await create(tools, image, ['cluster_size=4096', 'compat=0.10'], 4 * MiB, { file: path.basename(base), format: 'raw' })
+      return { imagePath: image }
+    },
+    async run(d) {
+      for (let i = 0; i < 60; i++) {
+        await d.randomOp({ maxLength: 12 * KiB, zeroShare: 0.4 })
+        if (d.random.float() < 0.25) await d.flush()
+      }
+    },
+    exercised(rec) {
+      need(rec.headerBefore.version === 2, rec, 'a version 2 image')
+      need(countTag(rec, 'data') > 20, rec, 'data writes')
+    },
+  },
 ]
