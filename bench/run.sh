@@ -205,19 +205,18 @@ wait_mounted() { # MOUNTPOINT FILE PID LOGFILE WHAT
   done
 }
 
-# The pid of the background server (`qcow2fs __serve ... MOUNTPOINT`) that `qcow2fs mount`
-# started for MOUNTPOINT: the process whose command line has __serve and ends with it.
+# The pid of the background server that `qcow2fs mount` started for MOUNTPOINT, asked over
+# its control socket (lib/fuse/control.ts, op "status"). Not found by scanning /proc: reading
+# another process's command line blocks while that process is stuck on a hung FUSE mount.
 find_serve_pid() { # MOUNTPOINT
-  local proc args
-  for proc in /proc/[0-9]*; do
-    mapfile -d '' -t args <"$proc/cmdline" 2>/dev/null || continue
-    ((${#args[@]} >= 2)) || continue
-    if [[ ${args[-1]} == "$1" && " ${args[*]} " == *" __serve "* ]]; then
-      echo "${proc#/proc/}"
-      return 0
-    fi
-  done
-  return 1
+  timeout 20 node --input-type=module -e '
+    const control = await import(process.argv[1] + "/dist/lib/fuse/control.js")
+    const { realpathSync } = await import("node:fs")
+    const answer = await control.sendControlRequest(control.controlSocketPath(realpathSync(process.argv[2])), { op: "status" }, 10000)
+    answer.hangUp()
+    if (!answer.reply.ok || !Number.isInteger(answer.reply.pid)) throw new Error(JSON.stringify(answer.reply))
+    console.log(answer.reply.pid)
+  ' "$ROOT" "$1"
 }
 
 start_qcow2fs() { # LABEL IMAGE
@@ -242,7 +241,7 @@ start_qcow2fs() { # LABEL IMAGE
   fi
   wait_mounted "$mnt" "$mnt/$stem.raw" "$pid" "$logfile" "qcow2fs mount $image"
   if [[ $CPU_PROFILE != 1 ]]; then
-    server_pid=$(find_serve_pid "$mnt") || die "cannot find the qcow2fs server process for $mnt"
+    server_pid=$(find_serve_pid "$mnt" 2>>"$logfile") || die "cannot ask the qcow2fs server of $mnt for its pid (see $logfile)"
     PIDS+=("$server_pid")
   fi
   TARGETS+=("qcow2fs|$label|$mnt/$stem.raw|$image")
