@@ -378,9 +378,24 @@ measure_engine() { # MODE IMAGE -> MB/s or IOPS
     die "engine-read $1 $2 failed (see $LOG_DIR/engine.log)"
 }
 
-LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
-if awk -v load="${LOAD_BEFORE%% *}" -v cpus="$(nproc)" 'BEGIN { exit !(load > cpus / 2) }'; then
-  log "warning: load average $LOAD_BEFORE on $(nproc) CPUs: other work will skew the figures"
+# Share of CPU time the machine spent busy over 3 s while the benchmark itself was idle: other
+# work running now skews the figures. (The load average is no help here: it also counts
+# processes blocked on I/O, such as anything stuck on a hung FUSE mount.)
+cpu_busy_pct() {
+  local a b
+  a=$(head -n 1 /proc/stat)
+  sleep 3
+  b=$(head -n 1 /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN {
+    na = split(a, x); split(b, y); total = 0; idle = 0
+    for (i = 2; i <= na; i++) total += y[i] - x[i]
+    idle = (y[5] - x[5]) + (y[6] - x[6])
+    printf "%.0f\n", (total > 0 ? 100 * (total - idle) / total : 0)
+  }'
+}
+BUSY_BEFORE=$(cpu_busy_pct)
+if ((BUSY_BEFORE > 25)); then
+  log "warning: the CPUs are ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
 fi
 printf 'rep\tcase\tkind\timage\tvalue\n' >"$SAMPLES"
 runs_per_rep=$((${#CASES[@]} * ${#TARGETS[@]}))
@@ -409,7 +424,7 @@ for rep in $(seq "$REPS"); do
   done
 done
 
-LOAD_AFTER=$(cut -d ' ' -f 1-3 /proc/loadavg)
+BUSY_AFTER=$(cpu_busy_pct)
 
 # Every raw view must still be mounted (a server that crashed mid-run invalidates the run).
 for target in "${TARGETS[@]}"; do
@@ -427,7 +442,7 @@ if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev
   printf 'git=%s\n' "$git_rev"
   printf 'cpu=%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
   printf 'nproc=%s\n' "$(nproc)"
-  printf 'load=%s\n' "load average $LOAD_BEFORE before the measurements, $LOAD_AFTER after"
+  printf 'load=%s\n' "CPUs ${BUSY_BEFORE}% busy with other work just before the measurements, ${BUSY_AFTER}% just after"
   printf 'memory=%s\n' "$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
   printf 'kernel=%s\n' "$(uname -sr)"
   printf 'node=%s\n' "$(node --version)"
