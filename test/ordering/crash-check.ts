@@ -7,7 +7,9 @@
  * else. allowedState() says which flush point and which later ops apply to a crash after a
  * given number of changes; firstDisallowedByte() checks a full read of the disk against that.
  */
-import { execFile } from 'node:child_process'
+import { type ChildProcessWithoutNullStreams, execFile, spawn } from 'node:child_process'
+import { createInterface } from 'node:readline'
+import { fileURLToPath } from 'node:url'
 import type { Effect, FlushPoint, OpRecord } from './workloads.js'
 
 export interface CheckReport {
@@ -20,28 +22,89 @@ export interface CheckReport {
   text: string
 }
 
-/** `qemu-img check --output=json -f qcow2 IMAGE`; resolves for exit codes 0-3. */
-export function qemuCheck(qemuImgPath: string, image: string): Promise<CheckReport> {
-  return new Promise((resolve, reject) => {
-    execFile(qemuImgPath, ['check', '--output=json', '-f', 'qcow2', image], { encoding: 'utf8', timeout: 60_000, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
-      const exitCode = err ? (typeof err.code === 'number' ? err.code : -1) : 0
-      const text = stdout.trim()
-      const start = text.indexOf('{')
-      if (exitCode < 0 || exitCode > 3 || start < 0) {
-        reject(new Error(`qemu-img check ${image}: exit code ${String(err?.code ?? exitCode)} ${err?.signal ?? ''}\n${stderr.trim() || text}`))
-        return
-      }
-      let report: Record<string, unknown>
-      try {
-        report = JSON.parse(text.slice(start)) as Record<string, unknown>
-      } catch {
-        reject(new Error(`qemu-img check ${image}: output is not JSON:\n${text}\n${stderr.trim()}`))
-        return
-      }
-      const count = (key: string): number => (typeof report[key] === 'number' ? (report[key] as number) : 0)
-      resolve({ corruptions: count('corruptions'), checkErrors: count('check-errors'), leaks: count('leaks'), exitCode, text: text.slice(start) })
+export interface ProgramResult {
+  /** Exit code; -1 when killed by a signal or not started. */
+  code: number
+  signal: string | null
+  stdout: string
+  stderr: string
+}
+
+/**
+ * Runs programs through a small co-process (qemu-runner.mjs): starting qemu-img from a test
+ * process that holds a large heap costs a fork of that heap each time; from the runner it is
+ * cheap. Requests may overlap. close() ends the co-process once it has answered everything.
+ */
+export class ProgramRunner {
+  #child: ChildProcessWithoutNullStreams
+  #waiting = new Map<number, { resolve: (r: ProgramResult) => void; reject: (e: Error) => void }>()
+  #nextId = 0
+  #failure: Error | undefined
+
+  constructor() {
+    const script = fileURLToPath(new URL('./qemu-runner.mjs', import.meta.url))
+    this.#child = spawn(process.execPath, [script], { stdio: ['pipe', 'pipe', 'pipe'] })
+    let stderr = ''
+    this.#child.stderr.setEncoding('utf8')
+    this.#child.stderr.on('data', (chunk: string) => {
+      stderr += chunk
+    })
+    createInterface({ input: this.#child.stdout }).on('line', (line) => {
+      const answer = JSON.parse(line) as ProgramResult & { id: number }
+      const waiter = this.#waiting.get(answer.id)
+      this.#waiting.delete(answer.id)
+      waiter?.resolve({ code: answer.code, signal: answer.signal, stdout: answer.stdout, stderr: answer.stderr })
+    })
+    const fail = (err: Error): void => {
+      this.#failure = err
+      for (const w of this.#waiting.values()) w.reject(err)
+      this.#waiting.clear()
+    }
+    this.#child.on('error', fail)
+    this.#child.on('exit', (code, signal) => {
+      if (this.#waiting.size > 0) fail(new Error(`program runner exited (code ${String(code)}, signal ${String(signal)}) with requests pending\n${stderr.trim()}`))
+    })
+  }
+
+  run(file: string, args: readonly string[]): Promise<ProgramResult> {
+    if (this.#failure) return Promise.reject(this.#failure)
+    const id = this.#nextId++
+    return new Promise((resolve, reject) => {
+      this.#waiting.set(id, { resolve, reject })
+      this.#child.stdin.write(JSON.stringify({ id, file, args }) + '\n')
+    })
+  }
+
+  close(): void {
+    this.#child.stdin.end()
+  }
+}
+
+function runDirect(file: string, args: readonly string[]): Promise<ProgramResult> {
+  return new Promise((resolve) => {
+    execFile(file, [...args], { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, signal: err?.signal ?? null, stdout, stderr })
     })
   })
+}
+
+/** `qemu-img check --output=json -f qcow2 IMAGE` (through `runner` if given); resolves for exit codes 0-3. */
+export async function qemuCheck(qemuImgPath: string, image: string, runner?: ProgramRunner): Promise<CheckReport> {
+  const args = ['check', '--output=json', '-f', 'qcow2', image]
+  const result = runner ? await runner.run(qemuImgPath, args) : await runDirect(qemuImgPath, args)
+  const text = result.stdout.trim()
+  const start = text.indexOf('{')
+  if (result.code < 0 || result.code > 3 || start < 0) {
+    throw new Error(`qemu-img check ${image}: exit code ${result.code} ${result.signal ?? ''}\n${result.stderr.trim() || text}`)
+  }
+  let report: Record<string, unknown>
+  try {
+    report = JSON.parse(text.slice(start)) as Record<string, unknown>
+  } catch {
+    throw new Error(`qemu-img check ${image}: output is not JSON:\n${text}\n${result.stderr.trim()}`)
+  }
+  const count = (key: string): number => (typeof report[key] === 'number' ? (report[key] as number) : 0)
+  return { corruptions: count('corruptions'), checkErrors: count('check-errors'), leaks: count('leaks'), exitCode: result.code, text: text.slice(start) }
 }
 
 export interface AllowedState {
