@@ -29,11 +29,34 @@ const childScript = path.join(here, 'kill9-child.mjs')
 const distImage = path.resolve(here, '../../dist/lib/image.js')
 
 function distProblem(): string | undefined {
-  if (fs.existsSync(distImage)) return undefined
+  if (fs.existsSync(distImage)) {
+    noteStaleDist()
+    return undefined
+  }
   const problem = `${path.relative(process.cwd(), distImage)} is missing (run \`make build\` or \`npx tsc -p tsconfig.json\`)`
   if (isCi()) throw new Error(`kill -9 tests: ${problem}; CI=true, so this is a failure, not a skip`)
   process.stderr.write(`[skip] kill -9 tests: ${problem}\n`)
   return problem
+}
+
+/** Prints a note when dist/ is older than the sources: the child would run the older engine. */
+function noteStaleDist(): void {
+  const libDir = path.resolve(here, '../../lib')
+  const stale: string[] = []
+  const walk = (d: string): void => {
+    for (const entry of fs.readdirSync(d, { withFileTypes: true })) {
+      const full = path.join(d, entry.name)
+      if (entry.isDirectory()) walk(full)
+      else if (entry.name.endsWith('.ts')) {
+        const built = path.resolve(here, '../../dist', path.relative(path.resolve(here, '../..'), full)).replace(/\.ts$/, '.js')
+        if (!fs.existsSync(built) || fs.statSync(built).mtimeMs < fs.statSync(full).mtimeMs) stale.push(path.relative(libDir, full))
+      }
+    }
+  }
+  walk(libDir)
+  if (stale.length > 0) {
+    process.stderr.write(`[note] kill -9 tests run dist/, which is older than lib/${stale.slice(0, 3).join(', lib/')}${stale.length > 3 ? ` and ${stale.length - 3} more` : ''}: run \`make build\` to test the current sources\n`)
+  }
 }
 
 const qemu = requireQemu('kill -9 tests')
@@ -49,7 +72,7 @@ afterAll(async () => {
 
 const KiB = 1024
 const MiB = 1024 * 1024
-const ROUNDS = 3
+const ROUNDS = 4
 
 interface Announced {
   op: number
