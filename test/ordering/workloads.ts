@@ -315,6 +315,13 @@ async function create(tools: QemuTools, image: string, options: string[], size: 
   await qemuImg(tools, args)
 }
 
+/** Bytes that differ per 512-byte sector (a backing file whose every sector is recognisable). */
+function sectorPattern(length: number): Buffer {
+  const bytes = Buffer.alloc(length)
+  for (let i = 0; i < length; i += 512) bytes.fill(0x80 + ((i >> 9) % 100), i, Math.min(i + 512, length))
+  return bytes
+}
+
 export const workloads: Workload[] = [
   {
     name: '64 KiB clusters: writes, zero writes, overwrites',
@@ -626,6 +633,98 @@ export const workloads: Workload[] = [
     exercised(rec) {
       need(rec.headerBefore.version === 2, rec, 'a version 2 image')
       need(countTag(rec, 'data') > 20, rec, 'data writes')
+    },
+  },
+  {
+    name: 'compressed clusters with extended L2: subcluster zero writes and overwrites',
+    seed: 0xc0c1,
+    async make(tools, dir) {
+      const raw = path.join(dir, 'compress-ext-src.raw')
+      const bytes = Buffer.alloc(3 * MiB)
+      for (let i = 0; i < bytes.length; i++) bytes[i] = 0x20 + (((i >> 6) * 5 + (i & 0x1f)) % 80)
+      fs.writeFileSync(raw, bytes)
+      const image = path.join(dir, 'compressed-extl2.qcow2')
+      await qemuImg(tools, ['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=65536,extended_l2=on', raw, image])
+      return { imagePath: image }
+    },
+    async run(d) {
+      const cs = d.clusterSize
+      const sc = cs / 32
+      for (let i = 0; i < 50; i++) {
+        const r = d.random.float()
+        const cluster = d.random.int(d.size / cs)
+        if (r < 0.4) await d.write(cluster * cs + d.random.int(cs - 4 * KiB), d.random.between(1, 4 * KiB))
+        else if (r < 0.55) await d.writeZeroes(cluster * cs, cs)
+        // Part of a compressed cluster: no subcluster bits to use, so the cluster is rewritten.
+        else if (r < 0.7) await d.writeZeroes(cluster * cs + sc * d.random.int(16), sc * d.random.between(1, 8))
+        else await d.randomOp({ maxLength: 40 * KiB, zeroShare: 0.3 })
+        if (d.random.float() < 0.3) await d.flush()
+      }
+    },
+    exercised(rec) {
+      need(rec.headerBefore.extendedL2, rec, 'extended L2')
+      need(countTag(rec, 'data') > 10 && countTag(rec, 'refblock') > 0, rec, 'rewrites of compressed clusters')
+    },
+  },
+  {
+    name: 'growing over a larger backing file: the new range reads as zeros',
+    seed: 0x6b6,
+    async make(tools, dir) {
+      const base = path.join(dir, 'grow-base.raw')
+      fs.writeFileSync(base, sectorPattern(6 * MiB))
+      const image = path.join(dir, 'grow-backing.qcow2')
+      await create(tools, image, ['cluster_size=4096'], 2 * MiB, { file: path.basename(base), format: 'raw' })
+      await qemuIo(tools, image, ['write -P 0x12 1M 512k'])
+      return { imagePath: image }
+    },
+    async run(d) {
+      for (let i = 0; i < 10; i++) await d.randomOp({ maxLength: 8 * KiB })
+      await d.flush()
+      // Inside the backing file's range: zero clusters must hide it.
+      await d.resize(3 * MiB + 1536)
+      for (let i = 0; i < 10; i++) await d.randomOp({ maxLength: 8 * KiB })
+      await d.flush()
+      // Past the backing file's end.
+      await d.resize(8 * MiB)
+      await d.write(7 * MiB + 17, 3 * KiB)
+      await d.flush()
+      for (let i = 0; i < 12; i++) {
+        await d.randomOp({ maxLength: 8 * KiB })
+        if (d.random.float() < 0.3) await d.flush()
+      }
+    },
+    exercised(rec) {
+      need(rec.headerAfter.virtualSize === 8 * MiB, rec, 'the final size')
+    },
+  },
+  {
+    name: 'shrinking over a larger backing file: dropped clusters must not show the backing file',
+    seed: 0x5b6,
+    async make(tools, dir) {
+      const base = path.join(dir, 'shrink-base.raw')
+      fs.writeFileSync(base, sectorPattern(6 * MiB))
+      const image = path.join(dir, 'shrink-backing.qcow2')
+      await create(tools, image, ['cluster_size=4096'], 4 * MiB, { file: path.basename(base), format: 'raw' })
+      await qemuIo(tools, image, ['write -P 0x12 0 4M'])
+      return { imagePath: image }
+    },
+    async run(d) {
+      for (let i = 0; i < 8; i++) await d.randomOp({ maxLength: 8 * KiB })
+      await d.flush()
+      // Drops part of the first L2 table's clusters and the whole second table.
+      await d.resize(1 * MiB + 512)
+      await d.flush()
+      await d.resize(5 * MiB)
+      await d.write(4 * MiB + 17, 3 * KiB)
+      await d.flush()
+      for (let i = 0; i < 16; i++) {
+        await d.randomOp({ maxLength: 8 * KiB })
+        if (d.random.float() < 0.3) await d.flush()
+      }
+      await d.resize(3 * MiB)
+    },
+    exercised(rec) {
+      need(rec.headerAfter.virtualSize === 3 * MiB, rec, 'the final size')
     },
   },
 ]
