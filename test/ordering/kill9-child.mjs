@@ -8,8 +8,9 @@
  * one JSON object per line, written synchronously (stdout is a pipe) so every line printed
  * before a SIGKILL reaches the parent:
  *
- *   {"ready":true,"size":N}                       the image is open
- *   {"op":I,"kind":"write"|"zeroes"|"zero-data","off":O,"len":L}   before op I is issued
+ *   {"ready":true,"virtualSize":N}                the image is open
+ *   {"op":I,"kind":"write"|"zeroes"|"zero-data","guestOffset":O,"length":L}
+ *                                                 before op I is issued
  *   {"flushed":I}                                 flush() returned: ops 0..I-1 are durable
  *
  * After MAX_OPS ops it closes the image and prints {"done":true} (the parent kills it long
@@ -32,33 +33,33 @@ function say(obj) {
 }
 
 const img = await Qcow2Image.open(imagePath, { readOnly: false })
-const size = img.virtualSize
-say({ ready: true, size })
+const virtualSize = img.virtualSize
+say({ ready: true, virtualSize })
 const next = makeStream(seed)
 const below = (n) => Math.floor((next() / 0x1_0000_0000) * n)
 let sinceFlush = 0
 let flushEvery = 1 + below(6)
 for (let op = 0; op < MAX_OPS; op++) {
   const r = below(100)
-  let off
-  let len
+  let guestOffset
+  let length
   if (r < 15) {
     // Cluster-aligned zero writes: zero flags, released clusters.
     const clusters = 1 + below(4)
-    off = below(size / clusterSize - clusters) * clusterSize
-    len = clusters * clusterSize
-    say({ op, kind: 'zeroes', off, len })
-    await img.writeZeroes(off, len)
+    guestOffset = below(virtualSize / clusterSize - clusters) * clusterSize
+    length = clusters * clusterSize
+    say({ op, kind: 'zeroes', guestOffset, length })
+    await img.writeZeroes(guestOffset, length)
   } else if (r < 20) {
-    len = 1 + below(32 * 1024)
-    off = below(size - len)
-    say({ op, kind: 'zero-data', off, len })
-    await img.write(Buffer.alloc(len), off)
+    length = 1 + below(32 * 1024)
+    guestOffset = below(virtualSize - length)
+    say({ op, kind: 'zero-data', guestOffset, length })
+    await img.write(Buffer.alloc(length), guestOffset)
   } else {
-    len = 1 + below(r < 60 ? 8 * 1024 : 256 * 1024)
-    off = below(size - len)
-    say({ op, kind: 'write', off, len })
-    await img.write(dataFor(seed, op, len), off)
+    length = 1 + below(r < 60 ? 8 * 1024 : 256 * 1024)
+    guestOffset = below(virtualSize - length)
+    say({ op, kind: 'write', guestOffset, length })
+    await img.write(dataFor(seed, op, length), guestOffset)
   }
   if (++sinceFlush >= flushEvery) {
     await img.flush()

@@ -77,8 +77,8 @@ const ROUNDS = 4
 interface Announced {
   op: number
   kind: 'write' | 'zeroes' | 'zero-data'
-  off: number
-  len: number
+  guestOffset: number
+  length: number
 }
 
 interface ChildRun {
@@ -86,7 +86,7 @@ interface ChildRun {
   /** Ops 0..flushed-1 were durable when the child died. */
   flushed: number
   flushes: number
-  size: number
+  virtualSize: number
   killedAfterMs: number
 }
 
@@ -96,7 +96,7 @@ function runAndKill(image: string, seed: number, clusterSize: number, delayMs: n
     const child = spawn(process.execPath, [childScript, image, String(seed), String(clusterSize)], { stdio: ['ignore', 'pipe', 'pipe'] })
     let out = ''
     let err = ''
-    let size = -1
+    let virtualSize = -1
     let readyAt = 0
     let killedAt = 0
     const guard = setTimeout(() => child.kill('SIGKILL'), 30_000)
@@ -104,12 +104,12 @@ function runAndKill(image: string, seed: number, clusterSize: number, delayMs: n
     child.stderr.setEncoding('utf8')
     child.stdout.on('data', (chunk: string) => {
       out += chunk
-      if (size < 0) {
+      if (virtualSize < 0) {
         const first = out.split('\n', 1)[0]
         if (first !== undefined && out.includes('\n')) {
-          const msg = JSON.parse(first) as { ready?: boolean; size?: number }
-          if (msg.ready === true && typeof msg.size === 'number') {
-            size = msg.size
+          const msg = JSON.parse(first) as { ready?: boolean; virtualSize?: number }
+          if (msg.ready === true && typeof msg.virtualSize === 'number') {
+            virtualSize = msg.virtualSize
             readyAt = Date.now()
             setTimeout(() => {
               killedAt = Date.now()
@@ -125,7 +125,7 @@ function runAndKill(image: string, seed: number, clusterSize: number, delayMs: n
     child.on('error', reject)
     child.on('close', (code, signal) => {
       clearTimeout(guard)
-      if (signal !== 'SIGKILL' || size < 0 || killedAt === 0) {
+      if (signal !== 'SIGKILL' || virtualSize < 0 || killedAt === 0) {
         reject(new Error(`child (seed ${seed}) ended with code ${String(code)} signal ${String(signal)} before the planned kill:\n${err.trim() || out.slice(-2000)}`))
         return
       }
@@ -144,13 +144,13 @@ function runAndKill(image: string, seed: number, clusterSize: number, delayMs: n
           ops.push(msg as Announced)
         }
       }
-      resolve({ ops, flushed, flushes, size, killedAfterMs: killedAt - readyAt })
+      resolve({ ops, flushed, flushes, virtualSize, killedAfterMs: killedAt - readyAt })
     })
   })
 }
 
 function effectOf(seed: number, a: Announced): OpRecord['effects'][number] {
-  return a.kind === 'write' ? { guestOffset: a.off, length: a.len, bytes: dataFor(seed, a.op, a.len) } : { guestOffset: a.off, length: a.len }
+  return a.kind === 'write' ? { guestOffset: a.guestOffset, length: a.length, bytes: dataFor(seed, a.op, a.length) } : { guestOffset: a.guestOffset, length: a.length }
 }
 
 async function readAll(image: string, options: { snapshot?: string } = {}): Promise<Buffer> {
@@ -233,7 +233,7 @@ describeKill('kill -9 while writing', () => {
       const delayMs = 60 + (delays() % 600)
       const run = await runAndKill(image, seed, config.clusterSize, delayMs)
       const where = `round ${round} (child seed ${seed}, killed ${run.killedAfterMs} ms after open, ${run.ops.length} ops announced, ${run.flushes} flushes, durable up to op ${run.flushed})`
-      expect(run.size, where).toBe(model.length)
+      expect(run.virtualSize, where).toBe(model.length)
       summary.push(`${run.ops.length} ops/${run.flushes} flushes/${run.ops.length - run.flushed} unflushed`)
       if (run.ops.length > run.flushed) unflushedRounds++
 
@@ -249,7 +249,7 @@ describeKill('kill -9 while writing', () => {
       }
       const later: OpRecord[] = run.ops.slice(run.flushed).map((a, i) => ({
         index: i,
-        what: `${a.kind} ${a.off}+${a.len} (op ${a.op})`,
+        what: `${a.kind} ${a.guestOffset}+${a.length} (op ${a.op})`,
         startChange: 0,
         endChange: 0,
         effects: [effectOf(seed, a)],

@@ -213,31 +213,31 @@ export class Driver {
   }
 
   /**
-   * A random write, zero-data write or zero write inside [lo, hi) (default: the whole disk),
-   * at most maxLength bytes, sometimes cluster aligned.
+   * A random write, zero-data write or zero write inside [fromGuestOffset, toGuestOffset)
+   * (default: the whole disk), of at most maxBytes, sometimes cluster aligned.
    */
-  async randomOp(options: { lo?: number; hi?: number; maxLength: number; zeroShare?: number }): Promise<void> {
+  async randomOp(options: { fromGuestOffset?: number; toGuestOffset?: number; maxBytes: number; zeroShare?: number }): Promise<void> {
     const r = this.random
     const cs = this.clusterSize
-    const lo = options.lo ?? 0
-    const hi = Math.min(options.hi ?? this.size, this.size)
-    const length = Math.min(hi - lo, r.between(1, options.maxLength))
-    let offset = lo + r.int(hi - lo - length + 1)
+    const from = options.fromGuestOffset ?? 0
+    const to = Math.min(options.toGuestOffset ?? this.size, this.size)
+    const length = Math.min(to - from, r.between(1, options.maxBytes))
+    let guestOffset = from + r.int(to - from - length + 1)
     const kind = r.float()
     const zeroShare = options.zeroShare ?? 0.3
     if (kind < zeroShare / 2) {
-      await this.writeZeroData(offset, length)
+      await this.writeZeroData(guestOffset, length)
     } else if (kind < zeroShare) {
       // Cluster-aligned zero writes become zero flags / zero subclusters.
-      offset = Math.floor(offset / cs) * cs
-      const aligned = Math.min(Math.max(cs, Math.floor(length / cs) * cs), hi - offset)
-      if (offset < lo || aligned <= 0) {
-        await this.writeZeroes(lo, Math.min(hi - lo, length))
+      guestOffset = Math.floor(guestOffset / cs) * cs
+      const aligned = Math.min(Math.max(cs, Math.floor(length / cs) * cs), to - guestOffset)
+      if (guestOffset < from || aligned <= 0) {
+        await this.writeZeroes(from, Math.min(to - from, length))
       } else {
-        await this.writeZeroes(offset, aligned)
+        await this.writeZeroes(guestOffset, aligned)
       }
     } else {
-      await this.write(offset, length)
+      await this.write(guestOffset, length)
     }
   }
 }
@@ -334,7 +334,7 @@ export const workloads: Workload[] = [
     },
     async run(d) {
       for (let i = 0; i < 110; i++) {
-        await d.randomOp({ maxLength: 150 * KiB, zeroShare: 0.35 })
+        await d.randomOp({ maxBytes: 150 * KiB, zeroShare: 0.35 })
         if (d.random.float() < 0.3) await d.flush()
       }
     },
@@ -374,7 +374,7 @@ export const workloads: Workload[] = [
           // In place, inside the filled range.
           await d.write(d.random.int(filled), d.random.between(1, 3 * KiB))
         } else {
-          await d.randomOp({ lo: 0, hi: filled, maxLength: 4 * KiB, zeroShare: 1 })
+          await d.randomOp({ fromGuestOffset: 0, toGuestOffset: filled, maxBytes: 4 * KiB, zeroShare: 1 })
         }
         if (d.random.float() < 0.25) await d.flush()
       }
@@ -400,7 +400,7 @@ export const workloads: Workload[] = [
     async run(d) {
       for (let i = 0; i < 160; i++) {
         if (d.random.float() < 0.6) {
-          await d.randomOp({ maxLength: 9 * KiB, zeroShare: 0.35 })
+          await d.randomOp({ maxBytes: 9 * KiB, zeroShare: 0.35 })
         } else {
           // Whole subclusters (2 KiB), zero or data.
           const sc = 2 * KiB
@@ -434,7 +434,7 @@ export const workloads: Workload[] = [
           // A whole shared cluster to zeros: zero flag, the shared cluster released.
           await d.writeZeroes(d.random.int(d.size / d.clusterSize) * d.clusterSize, d.clusterSize)
         } else {
-          await d.randomOp({ maxLength: 10 * KiB, zeroShare: 0.15 })
+          await d.randomOp({ maxBytes: 10 * KiB, zeroShare: 0.15 })
         }
         if (d.random.float() < 0.3) await d.flush()
       }
@@ -473,7 +473,7 @@ export const workloads: Workload[] = [
         } else if (r < 0.7) {
           await d.writeZeroData(cluster * cs + d.random.int(cs / 2), d.random.between(1, cs / 2))
         } else {
-          await d.randomOp({ maxLength: 100 * KiB, zeroShare: 0.2 })
+          await d.randomOp({ maxBytes: 100 * KiB, zeroShare: 0.2 })
         }
         if (d.random.float() < 0.3) await d.flush()
       }
@@ -494,14 +494,14 @@ export const workloads: Workload[] = [
       return { imagePath: image }
     },
     async run(d) {
-      for (let i = 0; i < 12; i++) await d.randomOp({ maxLength: 3 * KiB })
+      for (let i = 0; i < 12; i++) await d.randomOp({ maxBytes: 3 * KiB })
       await d.flush()
       // 1 MiB -> 3 MiB + 1 KiB: L1 from 32 entries (one cluster) to 97 (two clusters).
       await d.resize(3 * MiB + 1000)
       await d.write(3 * MiB - 1200, 2 * KiB)
       await d.write(1 * MiB - 1 * KiB, 3 * KiB)
       await d.flush()
-      for (let i = 0; i < 10; i++) await d.randomOp({ lo: 2 * MiB, maxLength: 2 * KiB })
+      for (let i = 0; i < 10; i++) await d.randomOp({ fromGuestOffset: 2 * MiB, maxBytes: 2 * KiB })
       // Twice without a flush in between: the first new table never reaches the disk.
       await d.resize(5 * MiB)
       await d.write(4 * MiB + 3, 2 * KiB)
@@ -509,7 +509,7 @@ export const workloads: Workload[] = [
       await d.write(8 * MiB - 1500, 1500)
       await d.flush()
       for (let i = 0; i < 24; i++) {
-        await d.randomOp({ maxLength: 3 * KiB })
+        await d.randomOp({ maxBytes: 3 * KiB })
         if (d.random.float() < 0.2) await d.flush()
       }
       // And once more, right before close.
@@ -533,7 +533,7 @@ export const workloads: Workload[] = [
     },
     async run(d) {
       for (let i = 0; i < 30; i++) {
-        await d.randomOp({ maxLength: 8 * KiB })
+        await d.randomOp({ maxBytes: 8 * KiB })
         if (d.random.float() < 0.2) await d.flush()
       }
       await d.flush()
@@ -545,7 +545,7 @@ export const workloads: Workload[] = [
       await d.write(5 * MiB + 100, 4 * KiB)
       await d.flush()
       for (let i = 0; i < 30; i++) {
-        await d.randomOp({ maxLength: 12 * KiB })
+        await d.randomOp({ maxBytes: 12 * KiB })
         if (d.random.float() < 0.2) await d.flush()
       }
       // Shrink again with unflushed writes past the new end.
@@ -582,7 +582,7 @@ export const workloads: Workload[] = [
     async run(d) {
       for (let i = 0; i < 40; i++) {
         if (d.random.float() < 0.6) await d.write(2 * MiB + d.random.int(1900 * KiB), d.random.between(1, 4 * KiB))
-        else await d.randomOp({ lo: 0, hi: 1800 * KiB, maxLength: 3 * KiB, zeroShare: 0.6 })
+        else await d.randomOp({ fromGuestOffset: 0, toGuestOffset: 1800 * KiB, maxBytes: 3 * KiB, zeroShare: 0.6 })
         if (d.random.float() < 0.25) await d.flush()
       }
     },
@@ -605,7 +605,7 @@ export const workloads: Workload[] = [
     },
     async run(d) {
       for (let i = 0; i < 60; i++) {
-        await d.randomOp({ maxLength: 12 * KiB, zeroShare: 0.5 })
+        await d.randomOp({ maxBytes: 12 * KiB, zeroShare: 0.5 })
         if (d.random.float() < 0.25) await d.flush()
       }
     },
@@ -626,7 +626,7 @@ export const workloads: Workload[] = [
     },
     async run(d) {
       for (let i = 0; i < 60; i++) {
-        await d.randomOp({ maxLength: 12 * KiB, zeroShare: 0.4 })
+        await d.randomOp({ maxBytes: 12 * KiB, zeroShare: 0.4 })
         if (d.random.float() < 0.25) await d.flush()
       }
     },
@@ -657,7 +657,7 @@ export const workloads: Workload[] = [
         else if (r < 0.55) await d.writeZeroes(cluster * cs, cs)
         // Part of a compressed cluster: no subcluster bits to use, so the cluster is rewritten.
         else if (r < 0.7) await d.writeZeroes(cluster * cs + sc * d.random.int(16), sc * d.random.between(1, 8))
-        else await d.randomOp({ maxLength: 40 * KiB, zeroShare: 0.3 })
+        else await d.randomOp({ maxBytes: 40 * KiB, zeroShare: 0.3 })
         if (d.random.float() < 0.3) await d.flush()
       }
     },
@@ -678,18 +678,18 @@ export const workloads: Workload[] = [
       return { imagePath: image }
     },
     async run(d) {
-      for (let i = 0; i < 10; i++) await d.randomOp({ maxLength: 8 * KiB })
+      for (let i = 0; i < 10; i++) await d.randomOp({ maxBytes: 8 * KiB })
       await d.flush()
       // Inside the backing file's range: zero clusters must hide it.
       await d.resize(3 * MiB + 1536)
-      for (let i = 0; i < 10; i++) await d.randomOp({ maxLength: 8 * KiB })
+      for (let i = 0; i < 10; i++) await d.randomOp({ maxBytes: 8 * KiB })
       await d.flush()
       // Past the backing file's end.
       await d.resize(8 * MiB)
       await d.write(7 * MiB + 17, 3 * KiB)
       await d.flush()
       for (let i = 0; i < 12; i++) {
-        await d.randomOp({ maxLength: 8 * KiB })
+        await d.randomOp({ maxBytes: 8 * KiB })
         if (d.random.float() < 0.3) await d.flush()
       }
     },
@@ -709,7 +709,7 @@ export const workloads: Workload[] = [
       return { imagePath: image }
     },
     async run(d) {
-      for (let i = 0; i < 8; i++) await d.randomOp({ maxLength: 8 * KiB })
+      for (let i = 0; i < 8; i++) await d.randomOp({ maxBytes: 8 * KiB })
       await d.flush()
       // Drops part of the first L2 table's clusters and the whole second table.
       await d.resize(1 * MiB + 512)
@@ -718,7 +718,7 @@ export const workloads: Workload[] = [
       await d.write(4 * MiB + 17, 3 * KiB)
       await d.flush()
       for (let i = 0; i < 16; i++) {
-        await d.randomOp({ maxLength: 8 * KiB })
+        await d.randomOp({ maxBytes: 8 * KiB })
         if (d.random.float() < 0.3) await d.flush()
       }
       await d.resize(3 * MiB)
