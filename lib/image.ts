@@ -279,12 +279,20 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
       const oldSize = this.#virtualSize
       if (newSize === oldSize) return
       if (newSize > oldSize) {
+        // Whatever a crash left mapped past the old end (a shrink is durable before its
+        // mappings go) is dropped, and the new range reads as zeros even over a larger backing
+        // file. None of it is visible until the new size reaches the header, which is last.
         writer.writePath.ensureL1Covers(newSize)
+        writer.writePath.discardRange(oldSize, newSize)
         this.#virtualSize = newSize
         const backingSize = this.#backing?.virtualSize ?? 0
         if (backingSize > oldSize) writer.writePath.writeZeroes(oldSize, Math.min(newSize, backingSize) - oldSize)
       } else {
-        writer.writePath.discardFrom(newSize, oldSize)
+        // The smaller size first, durable, then the mappings past it go: dropped clusters
+        // below a larger backing file's end would otherwise show its data after a crash.
+        writer.meta.wanted.virtualSize = newSize
+        this.#flushLocked(writer)
+        writer.writePath.discardRange(newSize, oldSize)
         this.#virtualSize = newSize
       }
       writer.meta.wanted.virtualSize = newSize

@@ -398,30 +398,32 @@ export class WritePath {
   }
 
   /**
-   * Drops every mapping at or past newSize (whole clusters and L2 tables), and zeroes the tail
-   * of a partly kept last cluster so it cannot reappear when the disk grows again.
+   * Drops every mapping of [start, end): whole clusters and L2 tables are released; the part of
+   * a cluster before `start` is kept and the rest of that cluster is made to read as zeros, so
+   * old bytes cannot reappear when the disk grows again.
    */
-  discardFrom(newSize: number, oldSize: number): void {
+  discardRange(start: number, end: number): void {
     const g = this.#g
     const cs = g.clusterSize
-    const tail = newSize % cs
-    if (tail !== 0 && newSize < oldSize) {
-      this.writeZeroes(newSize, Math.min(cs - tail, oldSize - newSize))
+    const firstCluster = Math.ceil(start / cs)
+    if (start % cs !== 0) {
+      // A partly kept cluster: zero its tail, if anything maps it.
+      const clusterStart = start - (start % cs)
+      if (this.#l1.l2Offset(l1IndexOf(g, clusterStart)) !== 0) this.writeZeroes(start, firstCluster * cs - start)
     }
-    const firstCluster = Math.ceil(newSize / cs)
-    const lastCluster = Math.ceil(oldSize / cs)
+    const lastCluster = Math.ceil(end / cs)
     for (let c = firstCluster; c < lastCluster; ) {
       const guest = c * cs
       const l1Index = l1IndexOf(g, guest)
+      if (l1Index >= this.#l1.size) break
       const tableStart = l1Index * g.l2Entries
       const tableEnd = tableStart + g.l2Entries
-      if (l1Index >= this.#l1.size) break
       const l2Offset = this.#l1.l2Offset(l1Index)
       if (l2Offset === 0) {
         c = tableEnd
         continue
       }
-      if (c === tableStart && this.#l1.copied(l1Index)) {
+      if (c === tableStart && tableEnd <= lastCluster && this.#l1.copied(l1Index)) {
         // The whole table goes: release its clusters and the table itself.
         this.#releaseTable(l1Index, l2Offset)
         c = tableEnd

@@ -46,8 +46,13 @@ export class L2SliceCache {
     this.#file = file
     this.sliceBytes = Math.min(geometry.clusterSize, L2_SLICE_MAX_BYTES)
     this.sliceEntries = this.sliceBytes / geometry.l2EntrySize
-    const maxSlices = Math.max(MIN_SLICES, Math.floor(maxBytes / this.sliceBytes))
-    this.#cache = new LRUCache<number, L2Slice>({ max: maxSlices })
+    // Bounded by bytes, not entry count: lru-cache preallocates its index for `max` entries,
+    // which with 512-byte slices and a 32 MiB bound would cost 65536 slots at every open.
+    const sliceBytes = this.sliceBytes
+    this.#cache = new LRUCache<number, L2Slice>({
+      maxSize: Math.max(MIN_SLICES * sliceBytes, maxBytes),
+      sizeCalculation: () => sliceBytes,
+    })
   }
 
   /**
