@@ -7,10 +7,11 @@
  *
  * Usage: node bench/engine-read.mjs MODE IMAGE [SECONDS]
  *   seq       read the whole guest in 128 KiB requests (the FUSE max_read), in order;
- *             prints MB/s (10^6 bytes per second)
+ *             prints MB/s (10^6 bytes per second) and the CPU seconds used per GiB
  *   rand-qd1  4 KiB reads at random 4 KiB-aligned guest offsets, one at a time, for SECONDS;
- *             prints IOPS
+ *             prints IOPS and the CPU microseconds used per read
  *   rand-qd16 the same with 16 reads in flight (as fio libaio iodepth 16 issues them)
+ * CPU time is this process's user + system time (all threads) during the reads.
  */
 import { randomInt } from 'node:crypto'
 import { resolve } from 'node:path'
@@ -33,8 +34,15 @@ const root = resolve(import.meta.dirname ?? new URL('.', import.meta.url).pathna
 const { Qcow2Image } = await import(pathToFileURL(resolve(root, 'dist/lib/image.js')).href)
 const image = await Qcow2Image.open(imagePath, { readOnly: true })
 
+/** CPU seconds (user + system) since `since`, a process.cpuUsage() value. */
+function cpuSecondsSince(since) {
+  const used = process.cpuUsage(since)
+  return (used.user + used.system) / 1e6
+}
+
 async function sequential() {
   const buf = Buffer.alloc(SEQ_REQUEST_BYTES)
+  const cpuStart = process.cpuUsage()
   const start = process.hrtime.bigint()
   let bytes = 0
   for (let guestOffset = 0; guestOffset < image.virtualSize; guestOffset += SEQ_REQUEST_BYTES) {
@@ -43,12 +51,13 @@ async function sequential() {
     bytes += view.length
   }
   const elapsedS = Number(process.hrtime.bigint() - start) / 1e9
-  return bytes / elapsedS / 1e6
+  return [bytes / elapsedS / 1e6, (cpuSecondsSince(cpuStart) * 2 ** 30) / bytes]
 }
 
 async function random(depth) {
   const blockCount = Math.floor(image.virtualSize / RAND_REQUEST_BYTES)
   const deadline = process.hrtime.bigint() + BigInt(Math.round(seconds * 1e9))
+  const cpuStart = process.cpuUsage()
   const start = process.hrtime.bigint()
   let reads = 0
   async function worker() {
@@ -60,16 +69,17 @@ async function random(depth) {
   }
   await Promise.all(Array.from({ length: depth }, worker))
   const elapsedS = Number(process.hrtime.bigint() - start) / 1e9
-  return reads / elapsedS
+  return [reads / elapsedS, (cpuSecondsSince(cpuStart) * 1e6) / reads]
 }
 
 try {
-  let value
-  if (mode === 'seq') value = await sequential()
-  else if (mode === 'rand-qd1') value = await random(1)
-  else if (mode === 'rand-qd16') value = await random(16)
+  let result
+  if (mode === 'seq') result = await sequential()
+  else if (mode === 'rand-qd1') result = await random(1)
+  else if (mode === 'rand-qd16') result = await random(16)
   else fail(`unknown MODE: ${mode}`)
-  process.stdout.write(`${value.toFixed(1)}\n`)
+  const [value, cpu] = result
+  process.stdout.write(`${value.toFixed(1)} ${cpu.toFixed(mode === 'seq' ? 3 : 2)}\n`)
 } finally {
   await image.close()
 }

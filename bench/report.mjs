@@ -16,10 +16,10 @@ const BEGIN_MARKER = '<!-- bench-results:begin -->'
 const END_MARKER = '<!-- bench-results:end -->'
 
 const CASES = [
-  { id: 'seq-cold', label: 'Sequential read, dd bs=1M, all caches dropped', unit: 'MB/s' },
-  { id: 'seq-warm', label: 'Sequential read, dd bs=1M, qcow2 file in host page cache', unit: 'MB/s' },
-  { id: 'rand-qd1', label: '4 KiB random read, fio psync, iodepth 1', unit: 'IOPS' },
-  { id: 'rand-qd16', label: '4 KiB random read, fio libaio, iodepth 16', unit: 'IOPS' },
+  { id: 'seq-cold', label: 'Sequential read, dd bs=1M, all caches dropped', unit: 'MB/s', cpuUnit: 'CPU s per GiB' },
+  { id: 'seq-warm', label: 'Sequential read, dd bs=1M, qcow2 file in host page cache', unit: 'MB/s', cpuUnit: 'CPU s per GiB' },
+  { id: 'rand-qd1', label: '4 KiB random read, fio psync, iodepth 1', unit: 'IOPS', cpuUnit: 'CPU µs per read' },
+  { id: 'rand-qd16', label: '4 KiB random read, fio libaio, iodepth 16', unit: 'IOPS', cpuUnit: 'CPU µs per read' },
 ]
 const IMAGES = ['allocated', 'compressed']
 /** Project goals for qcow2fs / qsd (from the performance issue). */
@@ -62,18 +62,24 @@ function readMeta(path) {
 function readSamples(path) {
   const lines = readFileSync(path, 'utf8').trim().split('\n')
   const header = lines.shift()?.split('\t')
-  if (header?.join(',') !== 'rep,case,kind,image,value') fail(`unexpected header in ${path}`)
+  if (header?.join(',') !== 'rep,case,kind,image,value,cpu') fail(`unexpected header in ${path}`)
   /** key "case|kind|image" -> values in run order */
   const samples = new Map()
+  /** the same keys -> CPU time of the server per GiB or per read */
+  const cpuSamples = new Map()
   for (const line of lines) {
-    const [rep, caseId, kind, image, valueText] = line.split('\t')
+    const [rep, caseId, kind, image, valueText, cpuText] = line.split('\t')
     const value = Number(valueText)
+    const cpu = Number(cpuText)
     if (!rep || !caseId || !kind || !image || !Number.isFinite(value) || value <= 0) fail(`bad sample line: ${line}`)
+    if (!Number.isFinite(cpu) || cpu < 0) fail(`bad CPU figure in sample line: ${line}`)
     const key = `${caseId}|${kind}|${image}`
     if (!samples.has(key)) samples.set(key, [])
     samples.get(key).push(value)
+    if (!cpuSamples.has(key)) cpuSamples.set(key, [])
+    cpuSamples.get(key).push(cpu)
   }
-  return samples
+  return { samples, cpuSamples }
 }
 
 function median(values) {
@@ -88,10 +94,17 @@ function formatValue(value, unit) {
 }
 
 const meta = readMeta(args.meta)
-const samples = readSamples(args.samples)
-const medianOf = (caseId, kind, image) => {
-  const values = samples.get(`${caseId}|${kind}|${image}`)
+const { samples, cpuSamples } = readSamples(args.samples)
+const medianIn = (map, caseId, kind, image) => {
+  const values = map.get(`${caseId}|${kind}|${image}`)
   return values && values.length > 0 ? median(values) : undefined
+}
+const medianOf = (caseId, kind, image) => medianIn(samples, caseId, kind, image)
+const cpuMedianOf = (caseId, kind, image) => medianIn(cpuSamples, caseId, kind, image)
+
+function formatCpu(value, cpuUnit) {
+  if (value === undefined) return 'n/a'
+  return cpuUnit.includes('GiB') ? value.toFixed(2) : value.toFixed(1)
 }
 
 const out = []
@@ -148,10 +161,32 @@ for (const c of CASES) {
   }
 }
 out.push('')
+out.push(
+  'CPU time the server process used (user + system, all its threads) for the same runs, ' +
+    'median: seconds per GiB read sequentially, microseconds per random read. It counts ' +
+    "only the server's own work, not the kernel's FUSE and page cache work for the reader, " +
+    'and moves much less than the throughput when other work shares the CPUs. Lower is better.',
+)
+out.push('')
+out.push('| Case | Image | qsd FUSE export | qcow2fs | qcow2fs / qsd | engine alone | no-I/O FUSE server |')
+out.push('|---|---|---:|---:|---:|---:|---:|')
+for (const c of CASES) {
+  for (const image of IMAGES) {
+    const qsd = cpuMedianOf(c.id, 'qsd', image)
+    const ours = cpuMedianOf(c.id, 'qcow2fs', image)
+    const ratio = qsd && ours ? ours / qsd : undefined
+    out.push(
+      `| ${c.label} (${c.cpuUnit}) | ${image} | ${formatCpu(qsd, c.cpuUnit)} | ${formatCpu(ours, c.cpuUnit)} | ` +
+        `${ratio === undefined ? 'n/a' : ratio.toFixed(2) + 'x'} | ${formatCpu(cpuMedianOf(c.id, 'engine', image), c.cpuUnit)} | ` +
+        `${formatCpu(cpuMedianOf(c.id, 'zero', 'none'), c.cpuUnit)} |`,
+    )
+  }
+}
+out.push('')
 out.push('All samples, in run order:')
 out.push('')
-out.push('| Case | Target | Image | Samples | Median |')
-out.push('|---|---|---|---|---:|')
+out.push('| Case | Target | Image | Samples | Median | CPU per sample (s/GiB or µs/read) |')
+out.push('|---|---|---|---|---:|---|')
 for (const c of CASES) {
   for (const [kind, images] of [['qsd', IMAGES], ['qcow2fs', IMAGES], ['engine', IMAGES], ['zero', ['none']]]) {
     for (const image of images) {
@@ -159,7 +194,8 @@ for (const c of CASES) {
       if (!values) continue
       out.push(
         `| ${c.id} (${c.unit}) | ${KIND_NAMES[kind]} | ${image === 'none' ? '-' : image} | ` +
-          `${values.map((v) => formatValue(v, c.unit)).join(', ')} | ${formatValue(median(values), c.unit)} |`,
+          `${values.map((v) => formatValue(v, c.unit)).join(', ')} | ${formatValue(median(values), c.unit)} | ` +
+          `${(cpuSamples.get(`${c.id}|${kind}|${image}`) ?? []).map((v) => formatCpu(v, c.cpuUnit)).join(', ')} |`,
       )
     }
   }
@@ -172,7 +208,7 @@ for (const c of CASES) {
     const ratios = ours.map((v, i) => v / qsd[i])
     out.push(
       `| ${c.id} | qcow2fs / qsd, same repetition | ${image} | ` +
-        `${ratios.map((r) => r.toFixed(2) + 'x').join(', ')} | ${median(ratios).toFixed(2)}x |`,
+        `${ratios.map((r) => r.toFixed(2) + 'x').join(', ')} | ${median(ratios).toFixed(2)}x | |`,
     )
   }
 }

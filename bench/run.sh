@@ -184,7 +184,7 @@ fi
 compressed_pct=$(qemu-img check "$COMPRESSED" 2>/dev/null | sed -n 's/.* \([0-9.]*\)% compressed clusters.*/\1/p')
 
 # ---------------------------------------------------------------------------------------------
-# Targets. Each target is "KIND|IMAGE_LABEL|RAW_VIEW|HOST_IMAGE" (HOST_IMAGE "-" for none).
+# Targets. Each target is "KIND|IMAGE_LABEL|RAW_VIEW|HOST_IMAGE|SERVER_PID" ("-" for none).
 
 TARGETS=()
 
@@ -240,11 +240,13 @@ start_qcow2fs() { # LABEL IMAGE
     pid=$!
   fi
   wait_mounted "$mnt" "$mnt/$stem.raw" "$pid" "$logfile" "qcow2fs mount $image"
-  if [[ $CPU_PROFILE != 1 ]]; then
+  if [[ $CPU_PROFILE == 1 ]]; then
+    server_pid=$pid
+  else
     server_pid=$(find_serve_pid "$mnt" 2>>"$logfile") || die "cannot ask the qcow2fs server of $mnt for its pid (see $logfile)"
     PIDS+=("$server_pid")
   fi
-  TARGETS+=("qcow2fs|$label|$mnt/$stem.raw|$image")
+  TARGETS+=("qcow2fs|$label|$mnt/$stem.raw|$image|$server_pid")
   log "qcow2fs: $mnt/$stem.raw"
 }
 
@@ -261,7 +263,7 @@ start_qsd() { # LABEL IMAGE
   pid=$!
   PIDS+=("$pid")
   wait_mounted "$file" "$file" "$pid" "$logfile" "qemu-storage-daemon ($image)"
-  TARGETS+=("qsd|$label|$file|$image")
+  TARGETS+=("qsd|$label|$file|$image|$pid")
   log "qsd: $file"
 }
 
@@ -290,7 +292,7 @@ start_zero() {
   pid=$!
   PIDS+=("$pid")
   wait_mounted "$mnt" "$mnt/zero.raw" "$pid" "$logfile" "zero-fuse"
-  TARGETS+=("zero|none|$mnt/zero.raw|-")
+  TARGETS+=("zero|none|$mnt/zero.raw|-|$pid")
   log "no-I/O server: $mnt/zero.raw"
 }
 
@@ -331,7 +333,7 @@ done
 # into engine time and FUSE round trip. Random cases run ENGINE_RANDOM_S seconds.
 ENGINE_RANDOM_S=3
 if wants engine; then
-  TARGETS+=("engine|allocated|-|$ALLOCATED" "engine|compressed|-|$COMPRESSED")
+  TARGETS+=("engine|allocated|-|$ALLOCATED|-" "engine|compressed|-|$COMPRESSED|-")
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +348,16 @@ prepare_caches() { # CASE HOST_IMAGE
   fi
 }
 
+# CPU time (user + system, all threads) a process has used so far, in clock ticks.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # PID
+  local stat fields
+  stat=$(<"/proc/$1/stat") || die "server process $1 is gone"
+  # Fields after "pid (comm) ": state is the first, utime the 12th, stime the 13th.
+  read -r -a fields <<<"${stat##*) }"
+  echo $((fields[11] + fields[12]))
+}
+
 measure_dd() { # FILE -> MB/s (10^6 bytes per second)
   local out line
   out=$(LC_ALL=C dd if="$1" of=/dev/null bs=1M 2>&1) || die "dd of $1 failed: $out"
@@ -355,7 +367,7 @@ measure_dd() { # FILE -> MB/s (10^6 bytes per second)
   awk -v bytes="${BASH_REMATCH[1]}" -v secs="${BASH_REMATCH[2]}" 'BEGIN { printf "%.1f\n", bytes / secs / 1e6 }'
 }
 
-measure_fio() { # FILE ENGINE IODEPTH JSON_OUT -> IOPS
+measure_fio() { # FILE ENGINE IODEPTH JSON_OUT -> "IOPS READS"
   local file=$1 engine=$2 depth=$3 json=$4
   fio --name=randread --filename="$file" --readonly --rw=randread --bs=4k \
     --ioengine="$engine" --iodepth="$depth" "${FIO_CACHE_FLAGS[@]}" \
@@ -370,10 +382,10 @@ measure_fio() { # FILE ENGINE IODEPTH JSON_OUT -> IOPS
       console.error("fio job failed: " + JSON.stringify(job && { error: job.error, ios: job.read.total_ios }))
       process.exit(1)
     }
-    console.log(job.read.iops.toFixed(1))' "$json" || die "bad fio result in $json"
+    console.log(job.read.iops.toFixed(1), job.read.total_ios)' "$json" || die "bad fio result in $json"
 }
 
-measure_engine() { # MODE IMAGE -> MB/s or IOPS
+measure_engine() { # MODE IMAGE -> "MB/s-or-IOPS CPU-per-unit"
   node bench/engine-read.mjs "$1" "$2" "$ENGINE_RANDOM_S" 2>>"$LOG_DIR/engine.log" ||
     die "engine-read $1 $2 failed (see $LOG_DIR/engine.log)"
 }
@@ -397,7 +409,10 @@ BUSY_BEFORE=$(cpu_busy_pct)
 if ((BUSY_BEFORE > 25)); then
   log "warning: the CPUs are ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
 fi
-printf 'rep\tcase\tkind\timage\tvalue\n' >"$SAMPLES"
+# Samples: the figure, and the CPU time the server process used for it: seconds per GiB for
+# the sequential cases, microseconds per read for the random ones (less sensitive to other
+# work on the machine than the throughput is).
+printf 'rep\tcase\tkind\timage\tvalue\tcpu\n' >"$SAMPLES"
 runs_per_rep=$((${#CASES[@]} * ${#TARGETS[@]}))
 log "measuring: ${#TARGETS[@]} targets (engine ones without FUSE) x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
 for rep in $(seq "$REPS"); do
@@ -409,17 +424,30 @@ for rep in $(seq "$REPS"); do
   fi
   for case_name in "${CASES[@]}"; do
     for target in "${order[@]}"; do
-      IFS="|" read -r kind label file host_image <<<"$target"
+      IFS="|" read -r kind label file host_image server_pid <<<"$target"
       prepare_caches "$case_name" "$host_image"
-      case $kind/$case_name in
-        engine/seq-*) value=$(measure_engine seq "$host_image") ;;
-        engine/rand-*) value=$(measure_engine "$case_name" "$host_image") ;;
-        */seq-*) value=$(measure_dd "$file") ;;
-        */rand-qd1) value=$(measure_fio "$file" psync 1 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
-        */rand-qd16) value=$(measure_fio "$file" libaio 16 "$LOG_DIR/fio-$case_name-$kind-$label-$rep.json") ;;
-      esac
-      printf '%s\t%s\t%s\t%s\t%s\n' "$rep" "$case_name" "$kind" "$label" "$value" >>"$SAMPLES"
-      log "rep $rep/$REPS $case_name $kind/$label: $value"
+      json=$LOG_DIR/fio-$case_name-$kind-$label-$rep.json
+      if [[ $kind == engine ]]; then
+        mode=seq
+        [[ $case_name == rand-* ]] && mode=$case_name
+        read -r value cpu < <(measure_engine "$mode" "$host_image")
+      else
+        ticks_before=$(cpu_ticks "$server_pid")
+        case $case_name in
+          seq-*) value=$(measure_dd "$file") ;;
+          rand-qd1) read -r value reads < <(measure_fio "$file" psync 1 "$json") ;;
+          rand-qd16) read -r value reads < <(measure_fio "$file" libaio 16 "$json") ;;
+        esac
+        ticks=$(($(cpu_ticks "$server_pid") - ticks_before))
+        if [[ $case_name == seq-* ]]; then
+          cpu=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v mib="$IMAGE_MIB" 'BEGIN { printf "%.3f", t / hz * 1024 / mib }')
+        else
+          cpu=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$reads" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+        fi
+      fi
+      [[ -n $value && -n $cpu ]] || die "no result for $case_name on $kind/$label"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$case_name" "$kind" "$label" "$value" "$cpu" >>"$SAMPLES"
+      log "rep $rep/$REPS $case_name $kind/$label: $value (server CPU $cpu)"
     done
   done
 done
