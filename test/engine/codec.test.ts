@@ -24,6 +24,7 @@ import { CorruptImageError } from '../../lib/errors.js'
 import { decodeCompressedDescriptor, encodeCompressedEntry } from '../../lib/format/l2-entry.js'
 import { type QemuTools, makeTempDir, qemuImg, removeTempDir, requireQemu } from '../helpers/qemu.js'
 import { Rng, concatBytes, halves, joinHalves, readFileRange, readL2Entries } from '../format/bytes.js'
+import { xorshift32 } from '../helpers/random.js'
 
 const ZLIB = 0
 const ZSTD = 1
@@ -36,18 +37,6 @@ const MiB = 1024 * KiB
 
 const WORDS = ['qcow2', 'cluster', 'the', 'of', 'refcount', 'table', 'L2', 'entry', 'guest', 'host', '\n', 'snapshot', ' ']
 
-/** Fast deterministic generator for bulk bytes (xorshift32). */
-function xorshift(seed: number): () => number {
-  let x = seed >>> 0 || 0x6d2b79f5
-  return () => {
-    x ^= x << 13
-    x >>>= 0
-    x ^= x >>> 17
-    x ^= x << 5
-    x >>>= 0
-    return x
-  }
-}
 
 /**
  * `length` bytes of one of several kinds: 'text' (words), 'runs' (byte runs of random length),
@@ -55,7 +44,7 @@ function xorshift(seed: number): () => number {
  */
 function content(kind: 'text' | 'runs' | 'mixed' | 'random' | 'zero', length: number, seed: number): Uint8Array {
   const out = new Uint8Array(length)
-  const next = xorshift(seed)
+  const next = xorshift32(seed)
   let at = 0
   const enc = new TextEncoder()
   switch (kind) {

@@ -9,6 +9,7 @@ import * as path from 'node:path'
 import { afterAll, beforeAll, describe, expect, test } from 'vitest'
 import { Qcow2Image } from '../../lib/image.js'
 import { type QemuTools, makeTempDir, qemuImg as runQemuImg, qemuIo as runQemuIo, removeTempDir, requireQemu } from '../helpers/qemu.js'
+import { uniform } from '../helpers/random.js'
 
 const qemu = requireQemu('write path random operations')
 const describeQemu = describe.skipIf(!qemu)
@@ -23,18 +24,6 @@ afterAll(async () => {
   await removeTempDir(dir)
 })
 
-/** xorshift32: small, seeded, printed on failure. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1
-  return () => {
-    x ^= x << 13
-    x >>>= 0
-    x ^= x >>> 17
-    x ^= x << 5
-    x >>>= 0
-    return x / 0x1_0000_0000
-  }
-}
 
 interface Scenario {
   name: string
@@ -62,7 +51,7 @@ scenarios.push({ name: 'cs=4096 v2 backing', clusterSize: 4096, extendedL2: fals
 describeQemu('write path against a raw model', () => {
   test.each(scenarios)('$name', async (sc) => {
     const seed = (sc.clusterSize * 31 + (sc.extendedL2 ? 7 : 0) + (sc.backing ? 3 : 0) + (sc.snapshot ? 1 : 0)) >>> 0
-    const random = rng(seed)
+    const random = uniform(seed)
     const tag = sc.name.replace(/[^a-z0-9]+/gi, '-')
     const image = path.join(dir, `${tag}.qcow2`)
     const size0 = Math.max(8 * sc.clusterSize, 3 * 1024 * 1024)

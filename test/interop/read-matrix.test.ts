@@ -31,6 +31,7 @@ import {
   requireQemu,
   run,
 } from '../helpers/qemu.js'
+import { xorshift32 } from '../helpers/random.js'
 
 const qemu = requireQemu('interop read matrix')
 
@@ -41,18 +42,6 @@ const KiB = 1024
 // Content
 // ---------------------------------------------------------------------------------------------
 
-/** xorshift32: a small deterministic generator for layout choices. */
-function prng(seed: number): () => number {
-  let x = seed >>> 0 || 0x9e3779b9
-  return () => {
-    x ^= x << 13
-    x >>>= 0
-    x ^= x >>> 17
-    x ^= x << 5
-    x >>>= 0
-    return x
-  }
-}
 
 /** Incompressible bytes: AES-128-CTR keystream under a key made from SEED. */
 function randomBytes(length: number, seed: number): Buffer {
@@ -76,7 +65,7 @@ function textBytes(length: number, tag: string): Buffer {
 /** A guest disk of SIZE bytes: runs of random data, text, zeros and one-byte patterns. */
 function makeContent(size: number, seed: number): Buffer {
   const out = Buffer.alloc(size)
-  const next = prng(seed)
+  const next = xorshift32(seed)
   let guestOffset = 0
   while (guestOffset < size) {
     const length = Math.min(size - guestOffset, 1 + (next() % Math.max(1, Math.floor(size / 6))))
@@ -107,7 +96,7 @@ function scatterProgram(
   seed: number,
   options: { count?: number; compressed?: boolean } = {},
 ): string[] {
-  const next = prng(seed)
+  const next = xorshift32(seed)
   const unit = clusterBytes >= 16 * KiB ? clusterBytes / 32 : 512
   const ops: string[] = []
   for (let i = 0; i < (options.count ?? 16); i++) {
