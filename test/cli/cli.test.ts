@@ -2,12 +2,21 @@
  * The dispatcher: --help, --version, per-command help, unknown command/option, exit codes,
  * one-line errors. Runs the compiled CLI (dist/cli/main.js), built on demand.
  */
-import { readFileSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { cpSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { beforeAll, describe, expect, it } from 'vitest'
-import { REPO_ROOT, ensureBuilt, runCli, stderrLines, type CliResult } from './helpers.js'
+import {
+  REPO_ROOT,
+  ensureBuilt,
+  makeTempDir,
+  removeTempDir,
+  runCli,
+  stderrLines,
+  type CliResult,
+} from './helpers.js'
 
-const LISTED_COMMANDS = ['mount', 'unmount', 'info', 'help']
+const LISTED_COMMANDS = ['mount', 'unmount', 'info', 'create', 'help']
 
 beforeAll(() => {
   ensureBuilt()
@@ -125,6 +134,26 @@ describe('failures exit 1 with one line', () => {
     expect(lines[0]).toMatch(/^qcow2fs: /)
     expect(lines[0]).toMatch(/no-such-image\.qcow2/)
     expect(result.stderr).not.toMatch(/^\s+at /m)
+  })
+
+  it('a build with a broken module: one line, no stack trace, exit 1', () => {
+    const copy = makeTempDir('broken-build')
+    try {
+      cpSync(join(REPO_ROOT, 'dist'), join(copy, 'dist'), { recursive: true })
+      cpSync(join(REPO_ROOT, 'package.json'), join(copy, 'package.json'))
+      symlinkSync(join(REPO_ROOT, 'node_modules'), join(copy, 'node_modules'))
+      writeFileSync(join(copy, 'dist', 'lib', 'image.js'), 'export const half = (\n')
+      const result = spawnSync(process.execPath, [join(copy, 'dist', 'cli', 'main.js'), 'info', 'x.qcow2'], {
+        encoding: 'utf8',
+        timeout: 30_000,
+      })
+      expect(result.status).toBe(1)
+      expect(result.stdout).toBe('')
+      expect(result.stderr).toMatch(/^qcow2fs: cannot load the qcow2fs modules .*\n$/)
+      expect(result.stderr.split('\n')).toHaveLength(2)
+    } finally {
+      removeTempDir(copy)
+    }
   })
 
   it('an argument after -- is a positional even if it looks like an option', () => {
