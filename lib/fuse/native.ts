@@ -22,6 +22,15 @@
  *  - Callbacks take a number: 0 or a negative errno; read and write callbacks take the byte
  *    count instead of 0. The read/write buffer is libfuse memory that is freed or reused as
  *    soon as the reply is signalled.
+ *
+ * Two deadlocks to keep out of any process that serves a mount (measured here, both hang the
+ * process for good):
+ *  - The /dev/fuse descriptor is not close-on-exec, so children inherit it; a child still
+ *    running when the server dies keeps the connection alive with nobody answering.
+ *  - Spawning a child while this process has a file of its own mount open: exec closes the
+ *    inherited descriptor, which sends FUSE_FLUSH, which only this process can answer, while
+ *    libuv's spawn blocks the event loop until the exec is done. The mount server never opens
+ *    its own files; tests that do must let another process hold them.
  */
 import { execFile } from 'node:child_process'
 import { readdirSync, readlinkSync } from 'node:fs'
@@ -200,6 +209,9 @@ function runFusermount(args: string[]): Promise<void> {
   })
 }
 
+/** Unmounted sessions: see NativeFuse.releaseNative. */
+const retired: NativeFuse[] = []
+
 class NativeFuse extends FuseBase {
   constructor(
     mountpoint: string,
@@ -230,6 +242,7 @@ class NativeFuse extends FuseBase {
       void cleanup.then(() => {
         for (const fd of fuseDeviceFds()) if (!before.has(fd)) log.fuse('descriptor %d left by a failed mount', fd)
         binding.fuse_native_unmount(this.mnt, thread)
+        retired.push(this)
         cb(new Error('the kernel refused the FUSE mount'))
       })
       return
@@ -238,11 +251,20 @@ class NativeFuse extends FuseBase {
     this.onMounted(added.length === 1 ? added[0] : undefined)
   }
 
-  /** Drops the libuv handle that keeps the event loop alive while mounted. */
+  /**
+   * Drops the libuv handle that keeps the event loop alive while mounted. The memory of that
+   * handle (this._thread) and of the per-thread handles (this._threads) stays linked in the
+   * event loop's handle queue for good (fuse-native never closes them), so this object is kept
+   * reachable forever: freeing it would corrupt the loop.
+   */
   releaseNative(): void {
-    if (this._thread) binding.fuse_native_unmount(this.mnt, this._thread)
-    this._thread = null
+    if (this.released || !this._thread) return
+    this.released = true
+    binding.fuse_native_unmount(this.mnt, this._thread)
+    retired.push(this)
   }
+
+  private released = false
 }
 
 export interface FuseSessionOptions {
