@@ -11,6 +11,10 @@
  * FUSE_OPTION_STRING is the '-o...' string given to libfuse; bench/run.sh passes the one
  * qcow2fs builds for its own mounts (buildOptionString with DEFAULT_KERNEL_TUNING), so both
  * servers run with the same kernel settings. Without it, DEFAULT_OPTIONS below is used.
+ *
+ * With ZERO_FUSE_STATS=1 it also counts what reaches the read handler: request sizes, and how
+ * many requests do not start where the previous one ended (requests reordered between the
+ * kernel and JavaScript). SIGUSR2 prints the counts to stderr and resets them.
  */
 import Fuse from 'fuse-native'
 
@@ -45,6 +49,20 @@ if (!optionString.startsWith('-o')) fail(`FUSE_OPTION_STRING must start with -o:
 const sizeBytes = Number(sizeArg)
 if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) fail(`bad SIZE_BYTES: ${sizeArg}`, 2)
 
+const stats = process.env.ZERO_FUSE_STATS === '1' ? { requests: 0, notContinuing: 0, nextOffset: 0, sizes: new Map() } : undefined
+if (stats) {
+  process.on('SIGUSR2', () => {
+    const sizes = [...stats.sizes].sort((a, b) => a[0] - b[0]).map(([bytes, count]) => `${bytes} B x ${count}`)
+    process.stderr.write(
+      `zero-fuse: ${stats.requests} read requests (${sizes.join(', ') || 'none'}), ` +
+        `${stats.notContinuing} not starting where the previous one ended\n`,
+    )
+    stats.requests = 0
+    stats.notContinuing = 0
+    stats.sizes.clear()
+  })
+}
+
 const mountTime = new Date()
 const uid = process.getuid?.() ?? 0
 const gid = process.getgid?.() ?? 0
@@ -73,6 +91,12 @@ const ops = {
     return cb(0)
   },
   read(path, fd, buf, len, guestOffset, cb) {
+    if (stats) {
+      stats.requests++
+      if (guestOffset !== stats.nextOffset) stats.notContinuing++
+      stats.nextOffset = guestOffset + len
+      stats.sizes.set(len, (stats.sizes.get(len) ?? 0) + 1)
+    }
     if (guestOffset >= sizeBytes) return cb(0)
     const byteCount = Math.min(len, sizeBytes - guestOffset)
     buf.fill(0, 0, byteCount)
