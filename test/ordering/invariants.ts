@@ -16,6 +16,8 @@
  *   DECR    a 'refblock' write that lowers a refcount finds no unsynced l2, l1, header or
  *           reftable write (O5: the metadata that dropped the reference is durable first)
  *   END     nothing is left unsynced when the flush returns
+ * Inside a shrink ('resize-begin' / 'resize-end' marks) the same rules but END apply: a shrink
+ * makes the smaller size durable (a whole flush) before it drops the mappings past it.
  * Everywhere:
  *   OUTSIDE between flushes only data, cow, compressed and 'l2' writes happen, and an 'l2'
  *           write there goes to a table the active L1 does not point to (a new table or a
@@ -83,7 +85,8 @@ export function checkOrdering(initialBytes: Uint8Array, events: readonly Recorde
 
   for (const e of events) {
     if (e.kind === 'mark') {
-      if (e.label === 'flush-begin') inFlush = true
+      if (e.label === 'flush-begin' || e.label === 'resize-begin') inFlush = true
+      if (e.label === 'resize-end') inFlush = false
       if (e.label === 'flush-end') {
         inFlush = false
         applied.END!++

@@ -184,7 +184,13 @@ export class Driver {
     // Shrinking drops the tail; growing adds zeros. Both read as zeros if the disk regrows.
     const effects: Effect[] =
       newSize < oldSize ? [{ guestOffset: newSize, length: oldSize - newSize }] : [{ guestOffset: oldSize, length: newSize - oldSize }]
+    // A shrink flushes (the smaller size is made durable before mappings go): the checker
+    // applies the in-flush ordering rules inside these marks, without the END rule. A grow
+    // changes metadata in memory only, like a write.
+    const shrink = newSize < oldSize
+    if (shrink) this.file.mark('resize-begin')
     await this.#op(`resize ${requested}`, [], () => this.img.resize(requested))
+    if (shrink) this.file.mark('resize-end')
     if (this.img.virtualSize !== newSize) throw new Error(`resize ${requested}: virtual size is ${this.img.virtualSize}, expected ${newSize}`)
     const next = Buffer.alloc(newSize)
     this.model.copy(next, 0, 0, Math.min(oldSize, newSize))
