@@ -26,7 +26,11 @@
 #                                   FUSE, bench/engine-read.mjs); a partial run never updates the doc
 #   BENCH_UPDATE_DOC [1]            0: do not rewrite the results section of docs/PERFORMANCE.md
 #   BENCH_CPU_PROFILE [0]           1: run the qcow2fs servers with node --cpu-prof (slower;
-#                                   profiles land in the work dir; never use for the doc figures)
+#                                   profiles land in the work dir; the doc is left alone)
+#
+# Besides each figure, the CPU time the server process used for it is recorded (seconds per
+# GiB, microseconds per random read). Results: bench/results/latest.md (git-ignored) and the
+# section between the bench-results markers of docs/PERFORMANCE.md. About 15 minutes.
 #
 # Requires root (drop_caches, FUSE mounts), qemu-img, qemu-storage-daemon, fio, fusermount.
 set -euo pipefail
@@ -135,6 +139,10 @@ done
 wants() { [[ $TARGET_KINDS == *" $1 "* ]]; }
 if ! wants qcow2fs || ! wants qsd || ! wants engine || ! wants zero; then
   log "partial run (BENCH_TARGETS=$BENCH_TARGETS): docs/PERFORMANCE.md is left alone"
+  UPDATE_DOC=0
+fi
+if [[ $CPU_PROFILE == 1 ]]; then
+  log "profiling run: docs/PERFORMANCE.md is left alone"
   UPDATE_DOC=0
 fi
 
@@ -413,7 +421,6 @@ fi
 # the sequential cases, microseconds per read for the random ones (less sensitive to other
 # work on the machine than the throughput is).
 printf 'rep\tcase\tkind\timage\tvalue\tcpu\n' >"$SAMPLES"
-runs_per_rep=$((${#CASES[@]} * ${#TARGETS[@]}))
 log "measuring: ${#TARGETS[@]} targets (engine ones without FUSE) x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
 for rep in $(seq "$REPS"); do
   # Alternate the target order between repetitions so drift does not favour one target.
