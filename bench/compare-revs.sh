@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 #
-# Sequential read of qcow2fs mounts: the working tree against another git revision, in one run.
+# Sequential read of qcow2fs mounts: the working tree against another git revision, in one run,
+# with qemu-storage-daemon's FUSE export of the same images as the baseline (as in make bench).
 # For a change that should make reads faster (or did the opposite): per build and image, the
 # throughput of `dd bs=1M` of the whole raw view, the CPU time of the server process, and how
 # many bytes the server read from files (rchar of /proc/PID/io) to serve it.
@@ -35,10 +36,15 @@ fi
 for image in "${images[@]}"; do [[ -f $image ]] || die "no image $image (run make bench once, or name images)"; done
 
 MOUNTS=()
+QSD_PIDS=()
 cleanup() {
-  local rc=$? mnt
+  local rc=$? mnt pid
   trap - EXIT INT TERM
   set +e
+  for pid in "${QSD_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
   for mnt in "${MOUNTS[@]}"; do
     if findmnt -rn --mountpoint "$mnt" >/dev/null 2>&1; then
       # Both builds stop their server when the session ends.
@@ -76,9 +82,33 @@ cpu_ticks() { local stat fields; stat=$(<"/proc/$1/stat"); read -r -a fields <<<
 rchar() { awk '$1 == "rchar:" { print $2 }' "/proc/$1/io"; }
 
 declare -A PID FILE
-BUILDS=(worktree "$rev")
 mnt_root=$WORK_DIR/compare-mnt
+for stale in "$mnt_root"/*/ "$mnt_root"/*.raw; do
+  if [[ -e $stale ]] && findmnt -rn --mountpoint "${stale%/}" >/dev/null 2>&1; then fusermount -uz "${stale%/}" || true; fi
+done
 rm -rf "$mnt_root"
+mkdir -p "$mnt_root"
+for image in "${images[@]}"; do
+  stem=$(basename "$image" .qcow2)
+  file=$mnt_root/qsd-$stem.raw
+  : >"$file"
+  MOUNTS+=("$file")
+  qemu-storage-daemon \
+    --blockdev "driver=file,node-name=file,filename=${image//,/,,},read-only=on,aio=threads,cache.direct=off" \
+    --blockdev "driver=qcow2,node-name=qcow2,file=file,read-only=on" \
+    --export "type=fuse,id=exp,node-name=qcow2,mountpoint=${file//,/,,},writable=off" \
+    >"$WORK_DIR/compare-qsd-$stem.log" 2>&1 &
+  QSD_PIDS+=($!)
+  PID[qsd-$stem]=$!
+  FILE[qsd-$stem]=$file
+  for _ in $(seq 300); do
+    findmnt -rn --mountpoint "$file" >/dev/null 2>&1 && break
+    kill -0 "${PID[qsd-$stem]}" 2>/dev/null || die "qemu-storage-daemon failed, see $WORK_DIR/compare-qsd-$stem.log"
+    sleep 0.1
+  done
+  findmnt -rn --mountpoint "$file" >/dev/null 2>&1 || die "qemu-storage-daemon did not mount $file"
+done
+BUILDS=(worktree "$rev")
 for build in "${BUILDS[@]}"; do
   build_root=$ROOT
   [[ $build == worktree ]] || build_root=$rev_dir
@@ -99,7 +129,7 @@ samples=$WORK_DIR/compare-samples.tsv
 for rep in $(seq "$REPS"); do
   for image in "${images[@]}"; do
     stem=$(basename "$image" .qcow2)
-    for build in "${BUILDS[@]}"; do
+    for build in "${BUILDS[@]}" qsd; do
       pid=${PID[$build-$stem]}
       sync
       echo 3 >/proc/sys/vm/drop_caches
