@@ -13,9 +13,10 @@
  *    down the chain.
  *  - Inflating is synchronous: measured here, zlib's asynchronous (thread pool) inflate of a
  *    64 KiB cluster costs about three times the synchronous one, more than two cores win back.
- *  - Sequential host reads (of data or of compressed data) start a read-ahead of the host file
- *    a few MiB ahead, so a cold sequential guest read does not wait on the disk request by
- *    request.
+ *  - No read-ahead of our own: Node has no readahead(2)/posix_fadvise, and background reads
+ *    through the thread pool measured slower overall (FUSE requests reach us partly out of
+ *    order, and every prefetched byte is copied twice); the kernel's read-ahead of the image
+ *    file serves sequential reads.
  *  - Reads past virtualSize are the caller's job to avoid (the FUSE adapter clamps); here they
  *    read as unallocated.
  */
@@ -31,37 +32,6 @@ import { decompressCluster } from './codec.js'
 /** Decompressed clusters kept for sequential small reads: at most 8 MiB, at least 2. */
 const DECOMPRESSED_CACHE_BYTES = 8 * 1024 * 1024
 const MIN_DECOMPRESSED_CLUSTERS = 2
-
-/** How far ahead of a sequential reader the host file is read ahead, and in what pieces. */
-const READ_AHEAD_BYTES = 8 * 1024 * 1024
-const READ_AHEAD_CHUNK_BYTES = 1024 * 1024
-
-/** Starts host read-ahead when reads of one file are sequential. */
-class SequentialReadAhead {
-  #file: BlockFile
-  #expected = -1
-  #aheadTo = 0
-
-  constructor(file: BlockFile) {
-    this.#file = file
-  }
-
-  /** Notes a read of [hostOffset, end); reads ahead if it continues the previous one. */
-  note(hostOffset: number, end: number): void {
-    // Compressed clusters overlap by up to a sector (sizes are rounded to 512 bytes).
-    const sequential = this.#expected >= 0 && hostOffset > this.#expected - 4096 && hostOffset < this.#expected + READ_AHEAD_CHUNK_BYTES
-    this.#expected = end
-    if (!sequential || this.#file.prefetch === undefined) {
-      this.#aheadTo = 0
-      return
-    }
-    if (this.#aheadTo < end) this.#aheadTo = end
-    while (this.#aheadTo < end + READ_AHEAD_BYTES) {
-      this.#file.prefetch(this.#aheadTo, READ_AHEAD_CHUNK_BYTES)
-      this.#aheadTo += READ_AHEAD_CHUNK_BYTES
-    }
-  }
-}
 
 export interface ReadPathOptions {
   geometry: Geometry
@@ -84,8 +54,6 @@ export class ReadPath {
   #decompressed: LRUCache<number, Uint8Array>
   #compressedInput: Uint8Array
   #clustersInflated = 0
-  #dataReadAhead: SequentialReadAhead
-  #compressedReadAhead: SequentialReadAhead
 
   constructor(options: ReadPathOptions) {
     this.#g = options.geometry
@@ -98,8 +66,6 @@ export class ReadPath {
     this.#decompressed = new LRUCache<number, Uint8Array>({ max: maxClusters })
     // A descriptor can name at most 2^(cluster_bits - 8) sectors: two clusters of input.
     this.#compressedInput = new Uint8Array(2 * this.#g.clusterSize)
-    this.#dataReadAhead = new SequentialReadAhead(this.#dataFile)
-    this.#compressedReadAhead = new SequentialReadAhead(this.#imageFile)
   }
 
   readSync(buf: Uint8Array, guestOffset: number): void {
@@ -148,7 +114,6 @@ export class ReadPath {
     if (lastUnitStart >= file.size) {
       throw new CorruptImageError(`data at host offset ${hex(lastUnitStart)} lies past the end of '${file.path}'`)
     }
-    this.#dataReadAhead.note(hostOffset, hostOffset + out.length)
     const n = file.pread(out, hostOffset)
     if (n < out.length) out.fill(0, n)
   }
@@ -186,7 +151,6 @@ export class ReadPath {
       throw new CorruptImageError(`compressed cluster at host offset ${hex(hostOffset)} lies past the end of the image file`)
     }
     const input = scratch.subarray(0, Math.min(compressedSize, file.size - hostOffset))
-    this.#compressedReadAhead.note(hostOffset, hostOffset + input.length)
     const n = file.pread(input, hostOffset)
     return input.subarray(0, n)
   }

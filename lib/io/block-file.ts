@@ -30,16 +30,9 @@ export interface BlockFile {
   truncate(size: number): void
   /** Bytes the file occupies on the host (allocated blocks), for `info`. */
   allocatedBytes(): number
-  /**
-   * Best-effort read-ahead: starts reading [hostOffset, +bytes) into the host page cache in
-   * the background and returns at once. Optional: layers without a page cache omit it.
-   */
-  prefetch?(hostOffset: number, bytes: number): void
   close(): void
 }
 
-/** Background read-aheads in flight per file at most (each holds a scratch buffer). */
-const MAX_PREFETCHES_IN_FLIGHT = 4
 
 export interface OpenFileOptions {
   readOnly: boolean
@@ -50,8 +43,6 @@ export class NodeBlockFile implements BlockFile {
   readonly writable: boolean
   #fd: number
   #size: number
-  #prefetchesInFlight = 0
-  #closing = false
 
   private constructor(path: string, fd: number, size: number, writable: boolean) {
     this.path = path
@@ -115,27 +106,7 @@ export class NodeBlockFile implements BlockFile {
     return fs.fstatSync(this.#fd).blocks * 512
   }
 
-  /**
-   * Node has no readahead(2)/posix_fadvise: an asynchronous read on the thread pool, its bytes
-   * thrown away, fills the page cache while the synchronous reads of the request path go on.
-   */
-  prefetch(hostOffset: number, bytes: number): void {
-    if (this.#prefetchesInFlight >= MAX_PREFETCHES_IN_FLIGHT || this.#closing || hostOffset >= this.#size) return
-    this.#prefetchesInFlight++
-    const scratch = Buffer.allocUnsafe(Math.min(bytes, this.#size - hostOffset))
-    fs.read(this.#fd, scratch, 0, scratch.length, hostOffset, () => {
-      this.#prefetchesInFlight--
-      if (this.#closing && this.#prefetchesInFlight === 0) this.#closeNow()
-    })
-  }
-
   close(): void {
-    // A read-ahead still running holds the descriptor: close when the last one ends.
-    this.#closing = true
-    if (this.#prefetchesInFlight === 0) this.#closeNow()
-  }
-
-  #closeNow(): void {
     if (this.#fd >= 0) {
       fs.closeSync(this.#fd)
       this.#fd = -1
