@@ -11,7 +11,7 @@
  * --ready-fd N, the pipe to report on.
  */
 import { spawn } from 'node:child_process'
-import { closeSync, openSync, realpathSync, writeSync } from 'node:fs'
+import { closeSync, openSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { describeError } from '../../lib/errors.js'
 import { ensureRuntimeDir, serverLogPath } from '../../lib/fuse/control.js'
@@ -22,6 +22,7 @@ import { EXIT_FAILURE, EXIT_OK, UsageError, parseCommandArgs, type Command } fro
 
 /** How long `mount` waits for the background server to report. */
 const READY_TIMEOUT_MS = 60_000
+const LOG_ROTATE_BYTES = 1024 * 1024
 
 export interface MountOptions {
   readOnly: boolean
@@ -146,7 +147,14 @@ async function mountInBackground(parsed: ParsedMount): Promise<number> {
     // A missing mountpoint: the server reports it; its log goes under the path as given.
   }
   const logPath = serverLogPath(logKey)
-  const logFd = openSync(logPath, 'w', 0o600)
+  // Appended to (a server already running there may still write to it); kept below ~1 MiB by
+  // moving a full log aside.
+  try {
+    if (statSync(logPath).size > LOG_ROTATE_BYTES) renameSync(logPath, `${logPath}.old`)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+  }
+  const logFd = openSync(logPath, 'a', 0o600)
   const args = [
     cliEntry(),
     serveCommand.name,

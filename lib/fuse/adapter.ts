@@ -27,13 +27,14 @@ import { FuseSession, type FuseOperations, type FuseStat, type FuseStatfs, type 
  * Kernel caching and request size, chosen by measurement (docs/FUSE.md has the tables).
  * MEASUREMENT_PLACEHOLDER
  */
-export const DEFAULT_KERNEL_TUNING: Omit<KernelOptions, 'name' | 'readOnly' | 'allowOther'> = {
+export const DEFAULT_KERNEL_TUNING: Omit<KernelOptions, 'name' | 'readOnly' | 'allowOther'> & { readAheadKb: number } = {
   maxReadBytes: 131072,
   maxReadaheadBytes: 131072,
   kernelCache: true,
   directIo: false,
   attrTimeoutSeconds: 60,
   entryTimeoutSeconds: 60,
+  readAheadKb: 512,
 }
 
 /*
@@ -429,6 +430,7 @@ export interface MountedRawFiles {
 /** Mounts `sources` at `mountpoint` (an existing directory); resolves once the mount is live. */
 export async function mountRawFiles(mountpoint: string, sources: readonly RawFileSource[], opts: MountRawFilesOptions = {}): Promise<MountedRawFiles> {
   const adapter = new RawFilesAdapter(sources)
+  const { readAheadKb, ...kernelTuning } = { ...DEFAULT_KERNEL_TUNING, ...opts.tuning }
   const session = await FuseSession.mount({
     // The mount table lists resolved paths; so must the session.
     mountpoint: await realpath(mountpoint),
@@ -438,10 +440,10 @@ export async function mountRawFiles(mountpoint: string, sources: readonly RawFil
       name: 'qcow2fs',
       readOnly: adapter.readOnly,
       allowOther: opts.allowOther ?? false,
-      ...DEFAULT_KERNEL_TUNING,
-      ...opts.tuning,
+      ...kernelTuning,
     },
     pollIntervalMs: opts.pollIntervalMs,
   })
+  await session.setReadAheadKb(readAheadKb)
   return { adapter, session, paths: adapter.files.map((file) => join(session.mountpoint, file.name)) }
 }

@@ -34,6 +34,7 @@
  */
 import { execFile } from 'node:child_process'
 import { readdirSync, readlinkSync } from 'node:fs'
+import { writeFile } from 'node:fs/promises'
 import { createRequire } from 'node:module'
 import { dirname } from 'node:path'
 import { log } from '../log.js'
@@ -346,6 +347,21 @@ export class FuseSession {
     }
     this.detached = true
     await this.poll()
+  }
+
+  /**
+   * Sets the kernel readahead of this mount (its backing device's read_ahead_kb). Root only;
+   * resolves false (and the kernel default stays) when it cannot.
+   */
+  async setReadAheadKb(readAheadKb: number): Promise<boolean> {
+    const knob = `/sys/class/bdi/${this.device}/read_ahead_kb`
+    try {
+      await writeFile(knob, String(readAheadKb))
+      return true
+    } catch (err) {
+      log.fuse('cannot set %s: %s; keeping the kernel default', knob, (err as Error).message)
+      return false
+    }
   }
 
   /** Releases the native state; call after `ended` (or when giving up on it). */

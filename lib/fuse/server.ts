@@ -13,8 +13,8 @@
  * opened so far is closed again and the error is one line.
  */
 import { execFileSync } from 'node:child_process'
-import { readdir, realpath, stat, unlink, writeFile } from 'node:fs/promises'
-import { basename, join, resolve } from 'node:path'
+import { readdir, realpath, stat, unlink } from 'node:fs/promises'
+import { basename, resolve } from 'node:path'
 import type { VirtualDisk } from '../disk.js'
 import { describeError } from '../errors.js'
 import { log } from '../log.js'
@@ -33,8 +33,6 @@ export interface ServerOptions {
   openDisk: (imagePath: string, open: ServerOptions['open']) => Promise<VirtualDisk>
   /** How long signal-triggered shutdowns wait for users of a lazily detached mount, in ms. */
   signalGraceMs?: number
-  /** read_ahead_kb for the mount's backing device; see docs/FUSE.md. */
-  readAheadKb?: number
 }
 
 /** A failure before the mount is live; the message is one line for `qcow2fs: <message>`. */
@@ -189,9 +187,9 @@ export class MountServer {
       try {
         mounted = await mountRawFiles(mountpoint, sources, { allowOther: opts.allowOther })
       } catch (err) {
-        throw new MountFailure(`cannot mount on '${mountpoint}': ${describeError(err)}`)
+        const hint = opts.allowOther && process.getuid?.() !== 0 ? " (allow_other needs 'user_allow_other' in /etc/fuse.conf)" : ''
+        throw new MountFailure(`cannot mount on '${mountpoint}': ${describeError(err)}${hint}`)
       }
-      if (opts.readAheadKb !== undefined) await setReadAhead(mounted.session.device, opts.readAheadKb)
       server = new MountServer({
         mountpoint,
         mounted,
@@ -284,16 +282,5 @@ export class MountServer {
     } catch {
       // Nothing else can be done while exiting.
     }
-  }
-}
-
-/** Raises the kernel readahead of a FUSE mount's backing device (root only; else it stays). */
-async function setReadAhead(device: string, readAheadKb: number): Promise<void> {
-  const knob = join('/sys/class/bdi', device, 'read_ahead_kb')
-  try {
-    await writeFile(knob, String(readAheadKb))
-    log.server('%s = %d', knob, readAheadKb)
-  } catch (err) {
-    log.server('cannot set %s (%s); keeping the kernel default', knob, describeError(err))
   }
 }
