@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { InvalidRequestError } from '../../lib/errors.js'
-import { DEFAULT_KERNEL_TUNING, type MountedRawFiles, RawFilesAdapter, mountRawFiles, rawFileName } from '../../lib/fuse/adapter.js'
+import { type MountedRawFiles, RawFilesAdapter, mountRawFiles, rawFileName } from '../../lib/fuse/adapter.js'
 import { MemoryDisk, forceUnmount, isMounted, patternBytes, runProcess, waitFor } from './helpers.js'
 
 const MiB = 1024 * 1024
@@ -120,12 +120,6 @@ describe('directory and attributes', () => {
 
     const fs = await statfs(m.session.mountpoint)
     expect(fs.blocks * fs.bsize).toBeGreaterThanOrEqual(3 * MiB + 1234 + 64 * 1024 + 8192)
-
-    // The measured readahead (docs/FUSE.md); only root may set it.
-    if (process.getuid!() === 0) {
-      const readAheadKb = await readFile(`/sys/class/bdi/${m.session.device}/read_ahead_kb`, 'utf8')
-      expect(Number(readAheadKb)).toBe(DEFAULT_KERNEL_TUNING.readAheadKb)
-    }
   })
 
   it('makes an all read-only mount read-only: directory 0555 and a ro mount', async () => {
