@@ -273,8 +273,8 @@ function zeroSteps(backing: boolean, zeroCmd: 'zero' | 'unmap'): Step[] {
       expect: [
         // A compressed cluster cannot be zeroed in part: decompressed, COWed, all allocated (XL-8).
         { c: 21, alloc: ALL, zero: '', host: true },
-        // Wholly covered: ours uses the zero bits; QEMU COWs it (271: "TODO: cluster #22 should
-        // use the 'all zeroes' bits").
+        // Wholly covered: ours uses the zero bits; QEMU COWs it (271's own comment says cluster
+        // #22 should use the 'all zeroes' bits).
         { c: 22, alloc: '', zero: ALL, host: false, qemu: { alloc: ALL, zero: '' } },
         { c: 23, alloc: ALL, zero: '', host: true },
       ],
