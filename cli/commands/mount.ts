@@ -23,6 +23,9 @@ import { EXIT_FAILURE, EXIT_OK, UsageError, parseCommandArgs, type Command } fro
 /** How long `mount` waits for the background server to report. */
 const READY_TIMEOUT_MS = 60_000
 const LOG_ROTATE_BYTES = 1024 * 1024
+/** How long a server asked to stop before it reported gets before it is killed. */
+const STOP_GRACE_MS = 15_000
+const INTERRUPTS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const
 
 export interface MountOptions {
   readOnly: boolean
@@ -176,6 +179,7 @@ async function mountInBackground(parsed: ParsedMount): Promise<number> {
     if (child.exitCode !== null) done(child.exitCode)
     else child.once('exit', (code, signal) => done(code ?? (signal ? 128 : null)))
   })
+  const interruptHandlers: Array<[NodeJS.Signals, () => void]> = []
   const message = await new Promise<ReadyMessage | undefined>((done) => {
     const pipe = child.stdio[3] as NodeJS.ReadableStream | null
     let text = ''
@@ -185,6 +189,12 @@ async function mountInBackground(parsed: ParsedMount): Promise<number> {
       done(m)
     }
     child.once('error', (err) => finish({ ok: false, error: `cannot start the server: ${err.message}` }))
+    // Interrupted while waiting: stop the server too, rather than leave a mount nobody saw.
+    for (const signal of INTERRUPTS) {
+      const onSignal = () => finish({ ok: false, error: `interrupted (${signal})` })
+      interruptHandlers.push([signal, onSignal])
+      process.once(signal, onSignal)
+    }
     if (!pipe) return finish({ ok: false, error: 'cannot start the server: no report pipe' })
     pipe.setEncoding('utf8')
     pipe.on('data', (chunk: string) => {
@@ -199,6 +209,7 @@ async function mountInBackground(parsed: ParsedMount): Promise<number> {
     })
     pipe.on('end', () => finish(undefined))
   })
+  for (const [signal, onSignal] of interruptHandlers) process.off(signal, onSignal)
   const pipe = child.stdio[3] as (NodeJS.ReadableStream & { destroy(): void }) | null
   if (message?.ok) {
     pipe?.destroy()
@@ -206,9 +217,12 @@ async function mountInBackground(parsed: ParsedMount): Promise<number> {
     for (const file of message.files) process.stdout.write(`${file}\n`)
     return EXIT_OK
   }
-  if (!message) {
-    // Silent: it crashed, or it hangs. Ask it to stop cleanly, then wait for it.
+  if (!message || /^interrupted/.test(message.ok ? '' : message.error)) {
+    // Silent (it crashed or hangs), or we were interrupted: ask it to stop cleanly (it unmounts
+    // and closes what it opened), then wait for it.
     if (child.exitCode === null) child.kill('SIGTERM')
+    const stillThere = setTimeout(() => child.kill('SIGKILL'), STOP_GRACE_MS)
+    void exited.then(() => clearTimeout(stillThere))
   }
   const code = await exited
   pipe?.destroy()
