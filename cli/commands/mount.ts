@@ -14,7 +14,7 @@ import { spawn } from 'node:child_process'
 import { closeSync, openSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { describeError } from '../../lib/errors.js'
-import { ensureRuntimeDir, serverLogPath } from '../../lib/fuse/control.js'
+import { ensureRuntimeDir, removeIfEmpty, serverLogPath } from '../../lib/fuse/control.js'
 import { MountFailure, MountServer, type ServerOptions } from '../../lib/fuse/server.js'
 import { Qcow2Image } from '../../lib/image.js'
 import { log } from '../../lib/log.js'
@@ -226,6 +226,7 @@ async function mountInBackground(parsed: ParsedMount): Promise<number> {
   }
   const code = await exited
   pipe?.destroy()
+  await removeIfEmpty(logPath)
   const reason = message && !message.ok ? message.error : `the mount server exited (status ${code}) before the mount was ready; see ${logPath}`
   process.stderr.write(`qcow2fs: ${reason.replace(/\s*\n\s*/g, ' ')}\n`)
   return EXIT_FAILURE

@@ -10,7 +10,7 @@
  *                                      <- {"ok":false,"error":"one line"} when it cannot
  */
 import { createHash } from 'node:crypto'
-import { lstat, mkdir } from 'node:fs/promises'
+import { lstat, mkdir, stat, unlink } from 'node:fs/promises'
 import { createConnection, type Server, type Socket, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -52,6 +52,15 @@ export function controlSocketPath(realMountpoint: string): string {
 /** Where a background server's stderr (DEBUG=qcow2fs:* output, crashes) goes. */
 export function serverLogPath(realMountpoint: string): string {
   return join(runtimeDir(), `${mountpointKey(realMountpoint)}.log`)
+}
+
+/** Deletes a server log that stayed empty (no DEBUG, no crash); keeps anything written. */
+export async function removeIfEmpty(logPath: string): Promise<void> {
+  try {
+    if ((await stat(logPath)).size === 0) await unlink(logPath)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') log.server('cannot tidy %s: %s', logPath, (err as Error).message)
+  }
 }
 
 /** Splits a socket's data into JSON lines. */

@@ -19,7 +19,17 @@ import type { VirtualDisk } from '../disk.js'
 import { describeError } from '../errors.js'
 import { log } from '../log.js'
 import { type FileTimes, type MountedRawFiles, type RawFileSource, assertDistinctNames, mountRawFiles } from './adapter.js'
-import { ControlServer, type ControlReply, type ControlRequest, NoServerError, controlSocketPath, ensureRuntimeDir, sendControlRequest } from './control.js'
+import {
+  ControlServer,
+  type ControlReply,
+  type ControlRequest,
+  NoServerError,
+  controlSocketPath,
+  ensureRuntimeDir,
+  removeIfEmpty,
+  sendControlRequest,
+  serverLogPath,
+} from './control.js'
 import { findMount, readMountTable } from './mountinfo.js'
 
 export interface ServerOptions {
@@ -263,6 +273,7 @@ export class MountServer {
       }
     }
     log.server('images closed')
+    await removeIfEmpty(serverLogPath(this.mountpoint))
     session.release()
     this.finished = true
     for (const signal of SIGNALS) process.off(signal, this.onSignal)

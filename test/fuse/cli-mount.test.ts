@@ -6,7 +6,7 @@
  */
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { controlSocketPath, sendControlRequest, serverLogPath } from '../../lib/fuse/control.js'
@@ -113,6 +113,8 @@ describe.skipIf(!qemu)('qcow2fs mount and unmount', () => {
         await cli(['unmount', '--lazy', mnt]).catch(() => undefined)
       }
       await forceUnmount(mnt)
+      // The DEBUG runs leave their server logs in the runtime directory.
+      await rm(serverLogPath(mnt), { force: true })
     }
     if (dir) await removeTempDir(dir)
   })
