@@ -194,6 +194,23 @@ describe.skipIf(!qemu)('qcow2fs mount and unmount', () => {
     })
   })
 
+  it('unmount --lazy detaches at once and returns when the last open file is closed', async () => {
+    const mnt = await newMountpoint()
+    expect((await cli(['mount', disk, mnt])).code).toBe(0)
+    const pid = await serverPid(mnt)
+    const holder = spawn('sh', ['-c', 'exec 3<"$0"; echo open; exec sleep 1', join(mnt, 'disk.raw')], { stdio: ['ignore', 'pipe', 'ignore'] })
+    await new Promise((done) => holder.stdout.once('data', done))
+    const holderGone = new Promise((done) => holder.once('exit', done))
+    const started = Date.now()
+    const r = await cli(['unmount', '--lazy', mnt])
+    expect(r.code, r.stderr).toBe(0)
+    // It waited for the holder (about a second), and the server is gone now.
+    expect(Date.now() - started).toBeGreaterThan(500)
+    await holderGone
+    expect(isMounted(mnt)).toBe(false)
+    expect(processRuns(pid)).toBe(false)
+  })
+
   describe('ending a server from outside', () => {
     for (const how of ['umount', 'fusermount -u', 'SIGTERM'] as const) {
       it(`closes the images and exits after ${how} (background server)`, async () => {
