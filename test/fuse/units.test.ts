@@ -118,21 +118,21 @@ describe('mount table', () => {
   const sample = [
     '22 27 0:21 / /proc rw,relatime - proc proc rw',
     '27 1 254:0 / / rw,relatime - ext4 /dev/vda rw',
-    '90 27 0:55 / /tmp/with\\040space rw,nosuid,nodev,relatime - fuse.qcow2fs qcow2fs rw,user_id=0,group_id=0',
-    '91 90 0:56 / /tmp/with\\040space rw,relatime shared:5 master:1 - tmpfs tmpfs rw',
+    '90 27 0:55 / /mnt/with\\040space rw,nosuid,nodev,relatime - fuse.qcow2fs qcow2fs rw,user_id=0,group_id=0',
+    '91 90 0:56 / /mnt/with\\040space rw,relatime shared:5 master:1 - tmpfs tmpfs rw',
   ].join('\n')
 
   it('parses fields, optional fields and escaped paths', () => {
     const table = parseMountInfo(sample)
     expect(table).toHaveLength(4)
-    expect(table[2]).toEqual({ mountId: 90, device: '0:55', mountPoint: '/tmp/with space', fsType: 'fuse.qcow2fs', source: 'qcow2fs' })
+    expect(table[2]).toEqual({ mountId: 90, device: '0:55', mountPoint: '/mnt/with space', fsType: 'fuse.qcow2fs', source: 'qcow2fs' })
     expect(table[3]!.fsType).toBe('tmpfs')
   })
 
   it('finds the topmost mount at a path', () => {
     const table = parseMountInfo(sample)
-    expect(findMount(table, '/tmp/with space')?.fsType).toBe('tmpfs')
-    expect(findMount(table, '/tmp')).toBeUndefined()
+    expect(findMount(table, '/mnt/with space')?.fsType).toBe('tmpfs')
+    expect(findMount(table, '/mnt')).toBeUndefined()
   })
 })
 
