@@ -110,6 +110,24 @@ export function metadataDirty(s: MetadataState): boolean {
 }
 
 /**
+ * After a table's entries were written: sync; if the table moved, switch the header to its new
+ * place (the adjacent fields in `fields` go in one write) and sync again.
+ */
+function switchTableWhenMoved(
+  s: MetadataState,
+  written: 'none' | 'entries' | 'moved',
+  fields: Pick<MutableHeader, 'refcountTableOffset' | 'refcountTableClusters'> | Pick<MutableHeader, 'l1Size' | 'l1TableOffset'>,
+): void {
+  if (written === 'none') return
+  s.file.sync()
+  if (written !== 'moved') return
+  Object.assign(s.wanted, fields)
+  writeHeaderField(s.file, Object.keys(fields)[0] as keyof MutableHeader, s.wanted)
+  s.file.sync()
+  Object.assign(s.onDisk, fields)
+}
+
+/**
  * Makes everything written so far durable, in the order above. `dataWritten` says whether
  * guest data may be waiting in the page cache (then the first sync is needed even with no
  * metadata change).
@@ -121,33 +139,14 @@ export function flushMetadata(s: MetadataState, dataWritten: boolean): void {
   if (s.dataFile !== file && dataWritten) s.dataFile.sync()
   if (wroteBlocks || dataWritten) file.sync()
   // O3: refcount table entries after the blocks; a moved table, then the header switch.
-  const table = s.refcounts.writeTable()
-  if (table !== 'none') {
-    file.sync()
-    if (table === 'moved') {
-      s.wanted.refcountTableOffset = s.refcounts.tableOffset
-      s.wanted.refcountTableClusters = s.refcounts.tableClusters
-      writeHeaderField(file, 'refcountTableOffset', s.wanted)
-      file.sync()
-      s.onDisk.refcountTableOffset = s.wanted.refcountTableOffset
-      s.onDisk.refcountTableClusters = s.wanted.refcountTableClusters
-    }
-  }
+  switchTableWhenMoved(s, s.refcounts.writeTable(), {
+    refcountTableOffset: s.refcounts.tableOffset,
+    refcountTableClusters: s.refcounts.tableClusters,
+  })
   // O1, O2: L2 entries after the data and refcounts they use.
   if (s.l2Cache.writeDirty()) file.sync()
   // O4: L1 entries after the L2 tables; a moved L1 table, then the header switch.
-  const l1 = s.l1.writeDirty(file)
-  if (l1 !== 'none') {
-    file.sync()
-    if (l1 === 'moved') {
-      s.wanted.l1Size = s.l1.size
-      s.wanted.l1TableOffset = s.l1.offset
-      writeHeaderField(file, 'l1TableOffset', s.wanted)
-      file.sync()
-      s.onDisk.l1Size = s.wanted.l1Size
-      s.onDisk.l1TableOffset = s.wanted.l1TableOffset
-    }
-  }
+  switchTableWhenMoved(s, s.l1.writeDirty(file), { l1Size: s.l1.size, l1TableOffset: s.l1.offset })
   // O6: the rest of the header.
   let headerWritten = false
   if (s.onDisk.virtualSize !== s.wanted.virtualSize) {
