@@ -94,29 +94,23 @@ function isControlRequest(message: unknown): message is ControlRequest {
 
 export type ControlHandler = (request: ControlRequest) => Promise<ControlReply>
 
-/** The server side: answers each request line with one reply line. */
+/**
+ * The server side: answers each request line with one reply line. close() ends a connection
+ * only after the replies it still owes are written, so the unmount request that started a
+ * shutdown always gets its answer, however the shutdown and the reply race.
+ */
 export class ControlServer {
   private readonly server: Server
-  private readonly sockets = new Set<Socket>()
+  /** Open connections and how many replies each still owes. */
+  private readonly owed = new Map<Socket, number>()
+  private closing = false
 
   private constructor(server: Server) {
     this.server = server
   }
 
   static listen(socketPath: string, handler: ControlHandler): Promise<ControlServer> {
-    const server = createServer((socket) => {
-      control.sockets.add(socket)
-      socket.on('close', () => control.sockets.delete(socket))
-      socket.on('error', (err) => log.server('control connection error: %s', err.message))
-      onJsonLines(socket, (message) => {
-        const reply: Promise<ControlReply> = isControlRequest(message)
-          ? handler(message).catch((err: unknown) => ({ ok: false as const, error: err instanceof Error ? err.message : String(err) }))
-          : Promise.resolve({ ok: false as const, error: 'malformed control request' })
-        void reply.then((r) => {
-          if (!socket.destroyed) socket.write(`${JSON.stringify(r)}\n`)
-        })
-      })
-    })
+    const server = createServer((socket) => control.accept(socket, handler))
     const control = new ControlServer(server)
     return new Promise((resolve, reject) => {
       server.once('error', reject)
@@ -128,9 +122,34 @@ export class ControlServer {
     })
   }
 
-  /** Stops listening (removing the socket file) and ends every connection. */
+  private accept(socket: Socket, handler: ControlHandler): void {
+    if (this.closing) {
+      socket.end()
+      return
+    }
+    this.owed.set(socket, 0)
+    socket.on('close', () => this.owed.delete(socket))
+    socket.on('error', (err) => log.server('control connection error: %s', err.message))
+    onJsonLines(socket, (message) => {
+      this.owed.set(socket, (this.owed.get(socket) ?? 0) + 1)
+      const reply: Promise<ControlReply> = isControlRequest(message)
+        ? handler(message).catch((err: unknown) => ({ ok: false as const, error: err instanceof Error ? err.message : String(err) }))
+        : Promise.resolve({ ok: false as const, error: 'malformed control request' })
+      void reply.then((r) => {
+        if (!socket.destroyed && socket.writable) socket.write(`${JSON.stringify(r)}\n`)
+        const owed = this.owed.get(socket)
+        if (owed === undefined) return
+        const left = owed - 1
+        this.owed.set(socket, left)
+        if (this.closing && left === 0) socket.end()
+      })
+    })
+  }
+
+  /** Stops listening (removing the socket file) and ends every connection once answered. */
   close(): Promise<void> {
-    for (const socket of this.sockets) socket.end()
+    this.closing = true
+    for (const [socket, owed] of this.owed) if (owed === 0) socket.end()
     return new Promise((resolve) => this.server.close(() => resolve()))
   }
 }

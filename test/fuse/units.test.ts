@@ -1,7 +1,10 @@
 /*
  * The pure parts of the FUSE layer: the errno mapping, the mount option parser, the FUSE option
- * string, the mount table parser and the control socket naming.
+ * string, the mount table parser, the control socket naming and the control channel.
  */
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { UsageError } from '../../cli/command.js'
 import { parseByteSize, parseMountOptions } from '../../cli/commands/mount.js'
@@ -15,7 +18,7 @@ import {
   ReadOnlyError,
   UnsupportedFeatureError,
 } from '../../lib/errors.js'
-import { controlSocketPath, serverLogPath } from '../../lib/fuse/control.js'
+import { ControlServer, NoServerError, controlSocketPath, sendControlRequest, serverLogPath } from '../../lib/fuse/control.js'
 import { toFuseErrno } from '../../lib/fuse/errno.js'
 import { parseMountInfo, findMount } from '../../lib/fuse/mountinfo.js'
 import { buildOptionString } from '../../lib/fuse/native.js'
@@ -146,5 +149,35 @@ describe('control socket naming', () => {
     // Unix socket paths must stay below 108 bytes even for a long mountpoint.
     expect(controlSocketPath(`/${'x'.repeat(300)}`).length).toBe(a.length)
     expect(a).toMatch(new RegExp(`qcow2fs-${process.getuid!()}/`))
+  })
+})
+
+describe('control channel', () => {
+  it('answers a request whose reply comes after close() started, then closes the connection', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'qcow2fs-control-'))
+    const socketPath = join(dir, 'c.sock')
+    let release!: () => void
+    const gate = new Promise<void>((done) => (release = done))
+    let received!: () => void
+    const requested = new Promise<void>((done) => (received = done))
+    const server = await ControlServer.listen(socketPath, async () => {
+      received()
+      await gate
+      return { ok: true, pid: 42 }
+    })
+    try {
+      const answer = sendControlRequest(socketPath, { op: 'unmount', lazy: false }, 5_000)
+      await requested
+      // The shutdown closes the control server before the unmount request's reply is ready.
+      const closing = server.close()
+      release()
+      const { reply, closed } = await answer
+      expect(reply).toEqual({ ok: true, pid: 42 })
+      await closed
+      await closing
+      await expect(sendControlRequest(socketPath, { op: 'status' }, 5_000)).rejects.toBeInstanceOf(NoServerError)
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
   })
 })
