@@ -47,7 +47,9 @@ system-deps:
 		echo "not root or no apt-get: install $(TEST_PACKAGES) yourself; tests that need them will skip"; \
 	fi
 
+# The tests are type-checked too (vitest itself only strips types).
 test: system-deps build
+	$(NPX) tsc -p tsconfig.test.json
 	$(NPX) vitest run
 
 demo: build

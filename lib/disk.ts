@@ -9,6 +9,11 @@
  *    for damaged regions) and leaves the disk usable for other ranges.
  *  - `write(buf, guestOffset)` stores all of `buf` (caller clamps); rejects with ReadOnlyError
  *    on a read-only disk.
+ *  - `writeZeroes(guestOffset, byteCount)` makes a range read as zeros (caller clamps), without
+ *    writing zero-filled data where the format can say "zeros" instead.
+ *  - `resize(sizeBytes)` changes the virtual size: a shrink frees what lies past the new end,
+ *    a grown range reads as zeros. A disk may round the size up to its granularity (qcow2:
+ *    512 bytes) and may refuse (e.g. an image with internal snapshots: UnsupportedFeatureError).
  *  - `flush()` makes everything written so far durable.
  *  - `close()` flushes and releases the image; afterwards every call rejects with ClosedError.
  */
@@ -17,6 +22,8 @@ export interface VirtualDisk {
   readonly readOnly: boolean
   read(buf: Uint8Array, guestOffset: number): Promise<void>
   write(buf: Uint8Array, guestOffset: number): Promise<void>
+  writeZeroes(guestOffset: number, byteCount: number): Promise<void>
+  resize(sizeBytes: number): Promise<void>
   flush(): Promise<void>
   close(): Promise<void>
 }

@@ -27,14 +27,20 @@ const LOG_ROTATE_BYTES = 1024 * 1024
 const STOP_GRACE_MS = 15_000
 const INTERRUPTS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const
 
+/**
+ * `access`: 'ro' and 'rw' as asked; 'auto' (neither given) opens each image read-write, and an
+ * image that refuses writing (marked corrupt, dirty, an external data file, a read-only file)
+ * is mounted read-only with a note saying why.
+ */
 export interface MountOptions {
-  readOnly: boolean
+  access: 'auto' | 'ro' | 'rw'
+  fixedSize: boolean
   snapshot?: string
   l2CacheBytes?: number
   allowOther: boolean
 }
 
-const KNOWN_OPTIONS = 'ro, rw, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other'
+const KNOWN_OPTIONS = 'ro, rw, fixed-size, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other'
 
 /** BYTES with an optional K, M or G (binary) suffix. */
 export function parseByteSize(text: string): number | undefined {
@@ -47,7 +53,7 @@ export function parseByteSize(text: string): number | undefined {
 
 /** Parses the -o lists (comma-separated, later values win); throws UsageError. */
 export function parseMountOptions(lists: readonly string[]): MountOptions {
-  const opts: MountOptions = { readOnly: true, allowOther: false }
+  const opts: MountOptions = { access: 'auto', fixedSize: false, allowOther: false }
   for (const list of lists) {
     for (const item of list.split(',')) {
       if (item === '') continue
@@ -57,10 +63,12 @@ export function parseMountOptions(lists: readonly string[]): MountOptions {
       switch (key) {
         case 'ro':
         case 'rw':
+        case 'fixed-size':
         case 'allow_other':
           if (value !== undefined) throw new UsageError(`mount option '${key}' takes no value`)
           if (key === 'allow_other') opts.allowOther = true
-          else opts.readOnly = key === 'ro'
+          else if (key === 'fixed-size') opts.fixedSize = true
+          else opts.access = key
           break
         case 'snapshot':
           if (!value) throw new UsageError(`mount option 'snapshot' needs a value: snapshot=NAME|ID`)
@@ -81,7 +89,8 @@ export function parseMountOptions(lists: readonly string[]): MountOptions {
   }
   // A snapshot is a view of the past: never writable.
   if (opts.snapshot !== undefined) {
-    if (!opts.readOnly) throw new UsageError(`mount options 'rw' and 'snapshot' exclude each other: a snapshot is read-only`)
+    if (opts.access === 'rw') throw new UsageError(`mount options 'rw' and 'snapshot' exclude each other: a snapshot is read-only`)
+    opts.access = 'ro'
   }
   return opts
 }
@@ -107,28 +116,53 @@ function parseMountArgs(values: { options?: string[] }, positionals: string[]): 
   return { optionLists, opts, imagePaths, mountpoint }
 }
 
-function serverOptions(parsed: ParsedMount): ServerOptions {
+/**
+ * Opens one image as the options ask. With access 'auto', an image that refuses a read-write
+ * open but opens read-only is served read-only, and `notes` gets a line saying why.
+ */
+async function openImage(imagePath: string, opts: MountOptions, notes: string[]): Promise<Qcow2Image> {
+  const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes }
+  if (opts.access !== 'auto') return Qcow2Image.open(imagePath, { ...open, readOnly: opts.access === 'ro' })
+  let writeRefusal: unknown
+  try {
+    return await Qcow2Image.open(imagePath, { ...open, readOnly: false })
+  } catch (err) {
+    writeRefusal = err
+  }
+  // Unreadable images fail here with the read-only open's reason.
+  const image = await Qcow2Image.open(imagePath, { ...open, readOnly: true })
+  const reason = describeError(writeRefusal)
+  notes.push(`${reason.includes(imagePath) ? reason : `'${imagePath}': ${reason}`}: mounted read-only`)
+  return image
+}
+
+function serverOptions(parsed: ParsedMount, notes: string[]): ServerOptions {
   const { opts } = parsed
   return {
     imagePaths: parsed.imagePaths,
     mountpoint: parsed.mountpoint,
-    open: { readOnly: opts.readOnly, snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes },
     allowOther: opts.allowOther,
-    openDisk: (imagePath, open) => Qcow2Image.open(imagePath, open),
+    fixedSize: opts.fixedSize,
+    openDisk: (imagePath) => openImage(imagePath, opts, notes),
   }
 }
 
-/** Runs the server in this process until it shuts down; `onReady` reports the raw files. */
-async function serve(parsed: ParsedMount, onReady: (files: string[]) => void, onFailure: (message: string) => void): Promise<number> {
+/**
+ * Runs the server in this process until it shuts down; `onReady` reports the raw files and
+ * the notes of the open (images mounted read-only, and why).
+ */
+async function serve(parsed: ParsedMount, onReady: (files: string[], notes: string[]) => void, onFailure: (message: string) => void): Promise<number> {
   let server: MountServer
+  const notes: string[] = []
   try {
-    server = await MountServer.start(serverOptions(parsed))
+    server = await MountServer.start(serverOptions(parsed, notes))
   } catch (err) {
     log.server('start failed: %O', err)
     onFailure(err instanceof MountFailure ? err.message : describeError(err))
     return EXIT_FAILURE
   }
-  onReady(server.files)
+  for (const note of notes) log.server('note: %s', note)
+  onReady(server.files, notes)
   return server.done
 }
 
@@ -139,7 +173,12 @@ function cliEntry(): string {
   return resolve(script)
 }
 
-type ReadyMessage = { ok: true; files: string[] } | { ok: false; error: string }
+type ReadyMessage = { ok: true; files: string[]; notes?: string[] } | { ok: false; error: string }
+
+function printReady(files: string[], notes: readonly string[]): void {
+  for (const note of notes) process.stderr.write(`qcow2fs: note: ${note.replace(/\s*\n\s*/g, ' ')}\n`)
+  for (const file of files) process.stdout.write(`${file}\n`)
+}
 
 async function mountInBackground(parsed: ParsedMount): Promise<number> {
   await ensureRuntimeDir()
@@ -214,7 +253,7 @@ async function mountInBackground(parsed: ParsedMount): Promise<number> {
   if (message?.ok) {
     pipe?.destroy()
     child.unref()
-    for (const file of message.files) process.stdout.write(`${file}\n`)
+    printReady(message.files, message.notes ?? [])
     return EXIT_OK
   }
   if (!message || /^interrupted/.test(message.ok ? '' : message.error)) {
@@ -245,8 +284,12 @@ export const mountCommand: Command = {
     '',
     'Options:',
     '  -o OPTIONS        comma-separated mount options (may be repeated):',
-    '                      ro                    read-only (the default)',
-    '                      rw                    read-write: writes go into the images',
+    '                      rw                    read-write (the default; an image that cannot be',
+    '                                            written, e.g. marked corrupt, is then mounted',
+    '                                            read-only with a note; with rw it is refused)',
+    '                      ro                    read-only: writes fail with EROFS',
+    '                      fixed-size            the raw files keep their size: truncate, O_TRUNC',
+    '                                            and writes past the end fail with EPERM',
     '                      snapshot=NAME|ID      show an internal snapshot instead (read-only)',
     '                      cache-size=BYTES[K|M|G]  L2 table cache per image',
     '                      allow_other           let other users access the mount',
@@ -261,9 +304,7 @@ export const mountCommand: Command = {
     if (!values.foreground) return mountInBackground(parsed)
     return serve(
       parsed,
-      (files) => {
-        for (const file of files) process.stdout.write(`${file}\n`)
-      },
+      (files, notes) => printReady(files, notes),
       (message) => process.stderr.write(`qcow2fs: ${message}\n`),
     )
   },
@@ -295,7 +336,7 @@ export const serveCommand: Command = {
     }
     return serve(
       parsed,
-      (files) => report({ ok: true, files }),
+      (files, notes) => report({ ok: true, files, notes }),
       (error) => report({ ok: false, error }),
     )
   },

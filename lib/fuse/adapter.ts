@@ -5,10 +5,17 @@
  * so a failing request fails alone and the mount stays up.
  *
  * Writes: write -> VirtualDisk.write, fsync and a writer's close (flush) -> VirtualDisk.flush.
- * A raw file keeps the disk's length: open(O_TRUNC) and truncating to a shorter length zero the
- * discarded bytes (writeZeroes) instead of shortening, growing is refused, a write past the
- * end gets ENOSPC as on a block device. A read-only disk answers EROFS to write opens, writes,
- * truncates and utimens.
+ * The raw file behaves like a file, and its length is the disk's virtual size: truncate and
+ * ftruncate resize the disk (a shrink frees what lies past the new end), open(O_TRUNC) (which
+ * atomic_o_trunc hands to us) resizes it to 0, and a write past the end grows it to the write's
+ * end, so `cp disk.img mnt/disk.raw` leaves a disk of the copied size. qcow2 sizes are whole
+ * 512-byte sectors, so a size that is not one rounds up (the tail reads as zeros). With the
+ * fixedSize option every size change fails with EPERM instead (a write past the end included;
+ * one that straddles the end is cut short there). A read-only disk answers EROFS to write
+ * opens, writes, truncates and utimens.
+ *
+ * Size changes of one file are serialized (a chain of promises per file) so that concurrent
+ * writes past the end, which arrive out of order, only ever grow the disk.
  *
  * Concurrency: libfuse runs a thread per outstanding request (fuse_loop_mt) and fuse-native
  * queues them all onto the JS event loop, so several reads of one disk are in flight at once.
@@ -97,15 +104,7 @@ const EROFS = errnoOf('EROFS')
 const EBADF = errnoOf('EBADF')
 const EISDIR = errnoOf('EISDIR')
 const ENOTDIR = errnoOf('ENOTDIR')
-const EFBIG = errnoOf('EFBIG')
-const ENOSPC = errnoOf('ENOSPC')
-const EOPNOTSUPP = errnoOf('EOPNOTSUPP')
-
-/** What a disk may offer beyond VirtualDisk; Qcow2Image does. */
-export interface ZeroingDisk {
-  /** Makes a range read as zeros without writing zero-filled data. */
-  writeZeroes(guestOffset: number, byteCount: number): Promise<void>
-}
+const EPERM = errnoOf('EPERM')
 
 export interface FileTimes {
   atime: Date
@@ -145,6 +144,8 @@ interface RawFile {
   disk: VirtualDisk
   times: FileTimes
   ino: number
+  /** The last size change of this file; the next one starts after it. */
+  sizeChange: Promise<unknown>
 }
 
 interface OpenHandle {
@@ -154,8 +155,14 @@ interface OpenHandle {
   dirty: boolean
 }
 
+export interface AdapterOptions {
+  /** Refuse every change of a raw file's size with EPERM (the `fixed-size` mount option). */
+  fixedSize?: boolean
+}
+
 export class RawFilesAdapter {
   readonly files: readonly RawFile[]
+  private readonly fixedSize: boolean
   private readonly byPath = new Map<string, RawFile>()
   private readonly handles = new Map<number, OpenHandle>()
   private nextHandle = 1
@@ -166,7 +173,8 @@ export class RawFilesAdapter {
   private readonly dirTimes: FileTimes
 
   /** Throws InvalidRequestError (one line) when two images would get the same file name. */
-  constructor(sources: readonly RawFileSource[]) {
+  constructor(sources: readonly RawFileSource[], opts: AdapterOptions = {}) {
+    this.fixedSize = opts.fixedSize ?? false
     const created = new Date()
     this.dirTimes = { atime: created, mtime: created, ctime: created }
     assertDistinctNames(sources.map((source) => source.imagePath))
@@ -179,6 +187,7 @@ export class RawFilesAdapter {
         disk: source.disk,
         times: source.times ?? { ...this.dirTimes },
         ino: files.length + 2,
+        sizeChange: Promise.resolve(),
       }
       files.push(file)
       this.byPath.set(`/${name}`, file)
@@ -334,20 +343,34 @@ export class RawFilesAdapter {
     return fh
   }
 
-  /**
-   * open(O_TRUNC) of a writable disk (atomic_o_trunc hands it to us): a disk keeps its size,
-   * but its old contents go, so that a `cp` which skips the holes of its source leaves zeros
-   * there, not old data. Needs a disk that can write zeros without allocating (writeZeroes).
-   */
+  /** open(O_TRUNC) of a writable disk (atomic_o_trunc hands it to us): the disk becomes empty. */
   private async openTruncating(path: string, flags: number): Promise<number> {
     const file = this.lookup(path)
     if (file.disk.readOnly) throw EROFS
-    const disk = file.disk as VirtualDisk & Partial<ZeroingDisk>
-    if (typeof disk.writeZeroes !== 'function') throw EOPNOTSUPP
-    await disk.writeZeroes(0, disk.virtualSize)
+    await this.resize(file, 0)
     const fh = this.open(path, flags)
     this.handle(fh).dirty = true
     return fh
+  }
+
+  /**
+   * Runs one size change of a file after the ones before it; `target` sees the size as it is
+   * then and returns the new size, or undefined for no change.
+   */
+  private changeSize(file: RawFile, target: (currentSize: number) => number | undefined): Promise<void> {
+    const change = file.sizeChange.then(async () => {
+      const sizeBytes = target(file.disk.virtualSize)
+      if (sizeBytes === undefined || sizeBytes === file.disk.virtualSize) return
+      if (this.fixedSize) throw EPERM
+      await file.disk.resize(sizeBytes)
+      file.times.mtime = new Date()
+    })
+    file.sizeChange = change.catch(() => undefined)
+    return change
+  }
+
+  private resize(file: RawFile, sizeBytes: number): Promise<void> {
+    return this.changeSize(file, () => sizeBytes)
   }
 
   private release(fh: number): void {
@@ -365,14 +388,22 @@ export class RawFilesAdapter {
 
   private async write(fh: number, buf: Buffer, length: number, guestOffset: number): Promise<number> {
     const handle = this.handle(fh)
-    const { disk } = handle.file
+    const { file } = handle
+    const { disk } = file
     if (disk.readOnly || !handle.writable) throw disk.readOnly ? EROFS : EBADF
-    // A disk does not grow: like a block device, no space past its end.
-    if (guestOffset >= disk.virtualSize) throw ENOSPC
-    const byteCount = Math.min(length, disk.virtualSize - guestOffset)
+    let byteCount = length
+    if (guestOffset + length > disk.virtualSize) {
+      if (this.fixedSize) {
+        // A fixed-size disk ends where it ends: a short write up to the end, then EPERM.
+        if (guestOffset >= disk.virtualSize) throw EPERM
+        byteCount = disk.virtualSize - guestOffset
+      } else {
+        await this.changeSize(file, (currentSize) => (guestOffset + length > currentSize ? guestOffset + length : undefined))
+      }
+    }
     await disk.write(buf.subarray(0, byteCount), guestOffset)
     handle.dirty = true
-    handle.file.times.mtime = new Date()
+    file.times.mtime = new Date()
     return byteCount
   }
 
@@ -393,19 +424,10 @@ export class RawFilesAdapter {
     return 0
   }
 
-  /**
-   * A disk has a fixed length: truncating to a shorter length discards (zeros) the bytes past
-   * it and keeps the length, as open(O_TRUNC) does; a longer length is refused (EFBIG), since
-   * growing a disk is `qemu-img resize`.
-   */
+  /** truncate/ftruncate: resizes the disk (see the top of this file). */
   private async truncate(file: RawFile, sizeBytes: number): Promise<number> {
-    const disk = file.disk as VirtualDisk & Partial<ZeroingDisk>
-    if (disk.readOnly) throw EROFS
-    if (sizeBytes > disk.virtualSize) throw EFBIG
-    if (sizeBytes === disk.virtualSize) return 0
-    if (typeof disk.writeZeroes !== 'function') throw EOPNOTSUPP
-    await disk.writeZeroes(sizeBytes, disk.virtualSize - sizeBytes)
-    file.times.mtime = new Date()
+    if (file.disk.readOnly) throw EROFS
+    await this.resize(file, sizeBytes)
     return 0
   }
 
@@ -437,7 +459,7 @@ export class RawFilesAdapter {
   }
 }
 
-export interface MountRawFilesOptions {
+export interface MountRawFilesOptions extends AdapterOptions {
   allowOther?: boolean
   /** Overrides of DEFAULT_KERNEL_TUNING (measurements only). */
   tuning?: Partial<KernelTuning>
@@ -453,7 +475,7 @@ export interface MountedRawFiles {
 
 /** Mounts `sources` at `mountpoint` (an existing directory); resolves once the mount is live. */
 export async function mountRawFiles(mountpoint: string, sources: readonly RawFileSource[], opts: MountRawFilesOptions = {}): Promise<MountedRawFiles> {
-  const adapter = new RawFilesAdapter(sources)
+  const adapter = new RawFilesAdapter(sources, { fixedSize: opts.fixedSize })
   const { readAheadKb, ...kernelTuning } = { ...DEFAULT_KERNEL_TUNING, ...opts.tuning }
   const session = await FuseSession.mount({
     // The mount table lists resolved paths; so must the session.

@@ -36,11 +36,11 @@ export interface ServerOptions {
   /** Image paths as the user gave them. */
   imagePaths: string[]
   mountpoint: string
-  /** Options for every image (the `ro`, `snapshot` and `cache-size` mount options). */
-  open: { readOnly: boolean; snapshot?: string; l2CacheBytes?: number }
   allowOther: boolean
-  /** Opens one image; rejects with a one-line error naming the problem. */
-  openDisk: (imagePath: string, open: ServerOptions['open']) => Promise<VirtualDisk>
+  /** Raw files keep their size: every size change fails with EPERM. */
+  fixedSize?: boolean
+  /** Opens one image (as the mount options say); rejects with a one-line error naming the problem. */
+  openDisk: (imagePath: string) => Promise<VirtualDisk>
   /** How long signal-triggered shutdowns wait for users of a lazily detached mount, in ms. */
   signalGraceMs?: number
 }
@@ -182,7 +182,7 @@ export class MountServer {
       for (const imagePath of imagePaths) {
         let disk: VirtualDisk
         try {
-          disk = await opts.openDisk(imagePath, opts.open)
+          disk = await opts.openDisk(imagePath)
         } catch (err) {
           const message = describeError(err)
           throw new MountFailure(message.includes(imagePath) || message.includes(basename(imagePath)) ? message : `'${imagePath}': ${message}`)
@@ -195,7 +195,7 @@ export class MountServer {
       const serverReady = new Promise<MountServer>((done) => (ready = done))
       control = await ControlServer.listen(socketPath, async (request) => (await serverReady).handle(request))
       try {
-        mounted = await mountRawFiles(mountpoint, sources, { allowOther: opts.allowOther })
+        mounted = await mountRawFiles(mountpoint, sources, { allowOther: opts.allowOther, fixedSize: opts.fixedSize })
       } catch (err) {
         const hint = opts.allowOther && process.getuid?.() !== 0 ? " (allow_other needs 'user_allow_other' in /etc/fuse.conf)" : ''
         throw new MountFailure(`cannot mount on '${mountpoint}': ${describeError(err)}${hint}`)

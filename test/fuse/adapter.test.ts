@@ -5,7 +5,7 @@
  */
 import { spawn } from 'node:child_process'
 import { constants as fsConstants } from 'node:fs'
-import { mkdir, mkdtemp, open, readFile, readdir, rm, stat, statfs, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, open, readFile, readdir, rm, stat, statfs, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
@@ -26,9 +26,12 @@ async function freshMountpoint(): Promise<string> {
   return dir
 }
 
-async function mountDisks(sources: { imagePath: string; disk: MemoryDisk; times?: { atime: Date; mtime: Date; ctime: Date } }[]) {
+async function mountDisks(
+  sources: { imagePath: string; disk: MemoryDisk; times?: { atime: Date; mtime: Date; ctime: Date } }[],
+  opts: { fixedSize?: boolean } = {},
+) {
   const mnt = await freshMountpoint()
-  const mounted = await mountRawFiles(mnt, sources)
+  const mounted = await mountRawFiles(mnt, sources, opts)
   live.push(mounted)
   return mounted
 }
@@ -227,7 +230,7 @@ describe('writes', () => {
     await fh.close()
   })
 
-  it('writes into the disk, flushes on fsync, refuses to grow, ENOSPC past the end', async () => {
+  it('writes into the disk, flushes on fsync, grows the disk on a write past the end', async () => {
     const disk = new MemoryDisk({ sizeBytes: 1 * MiB, salt: 3, readOnly: false })
     const m = await mountDisks([{ imagePath: 'rw.qcow2', disk }])
     const fh = await open(m.paths[0]!, fsConstants.O_RDWR)
@@ -242,28 +245,74 @@ describe('writes', () => {
       const back = Buffer.alloc(data.length)
       await fh.read(back, 0, back.length, 12_345)
       expect(back.equals(data)).toBe(true)
-      await expect(fh.write(Buffer.alloc(10), 0, 10, MiB)).rejects.toMatchObject({ code: 'ENOSPC' })
-      await expect(fh.truncate(2 * MiB)).rejects.toMatchObject({ code: 'EFBIG' })
+      // Past the end, with a gap: the disk grows to the write's end; the gap reads as zeros.
+      expect((await fh.write(Buffer.alloc(1024, 0xcd), 0, 1024, MiB + 4096)).bytesWritten).toBe(1024)
+      expect(disk.virtualSize).toBe(MiB + 5120)
+      expect(disk.bytes.subarray(MiB, MiB + 4096).every((b) => b === 0)).toBe(true)
+      expect(disk.bytes.subarray(MiB + 4096).every((b) => b === 0xcd)).toBe(true)
+      expect((await fh.stat()).size).toBe(MiB + 5120)
     } finally {
       await fh.close()
     }
-    expect((await stat(m.paths[0]!)).size).toBe(MiB)
   })
 
-  it('zeros instead of shortening: O_TRUNC and truncate keep the length', async () => {
+  it('resizes with truncate, ftruncate and O_TRUNC; sizes round up to 512 bytes', async () => {
     const disk = new MemoryDisk({ sizeBytes: 256 * 1024, salt: 4, readOnly: false })
     const m = await mountDisks([{ imagePath: 'rw.qcow2', disk }])
-    await writeFile(m.paths[0]!, Buffer.alloc(1000, 0x11))
-    expect((await stat(m.paths[0]!)).size).toBe(256 * 1024)
-    expect(disk.bytes.subarray(0, 1000).equals(Buffer.alloc(1000, 0x11))).toBe(true)
-    expect(disk.bytes.subarray(1000).every((b) => b === 0)).toBe(true)
+    // writeFile opens with O_TRUNC: the disk becomes exactly what was written.
+    await writeFile(m.paths[0]!, Buffer.alloc(1536, 0x11))
+    expect((await stat(m.paths[0]!)).size).toBe(1536)
+    expect(disk.bytes.equals(Buffer.alloc(1536, 0x11))).toBe(true)
 
-    disk.bytes.fill(0x22)
     const fh = await open(m.paths[0]!, fsConstants.O_RDWR)
-    await fh.truncate(4096)
-    await fh.close()
-    expect(disk.bytes.subarray(0, 4096).every((b) => b === 0x22)).toBe(true)
-    expect(disk.bytes.subarray(4096).every((b) => b === 0)).toBe(true)
+    try {
+      await fh.truncate(3 * MiB)
+      expect(disk.virtualSize).toBe(3 * MiB)
+      expect((await fh.stat()).size).toBe(3 * MiB)
+      expect(disk.bytes.subarray(1536).every((b) => b === 0)).toBe(true)
+      await fh.truncate(1000)
+      expect(disk.virtualSize).toBe(1024)
+      expect((await fh.stat()).size).toBe(1024)
+    } finally {
+      await fh.close()
+    }
+    await truncate(m.paths[0]!, 8192)
+    expect(disk.virtualSize).toBe(8192)
+    expect((await stat(m.paths[0]!)).size).toBe(8192)
+  })
+
+  it('grows only, however concurrent writes past the end arrive', async () => {
+    const disk = new MemoryDisk({ sizeBytes: 0, readOnly: false })
+    const m = await mountDisks([{ imagePath: 'rw.qcow2', disk }])
+    const fh = await open(m.paths[0]!, fsConstants.O_RDWR)
+    try {
+      const chunk = 64 * 1024
+      const writes = Array.from({ length: 32 }, (_, i) => fh.write(Buffer.alloc(chunk, i + 1), 0, chunk, i * chunk))
+      await Promise.all(writes)
+      expect(disk.virtualSize).toBe(32 * chunk)
+      for (let i = 0; i < 32; i++) expect(disk.bytes.subarray(i * chunk, (i + 1) * chunk).every((b) => b === i + 1), `chunk ${i}`).toBe(true)
+    } finally {
+      await fh.close()
+    }
+  })
+
+  it('fixed-size: every size change fails with EPERM; a straddling write is cut at the end', async () => {
+    const disk = new MemoryDisk({ sizeBytes: 64 * 1024, salt: 5, readOnly: false })
+    const m = await mountDisks([{ imagePath: 'fixed.qcow2', disk }], { fixedSize: true })
+    const fh = await open(m.paths[0]!, fsConstants.O_RDWR)
+    try {
+      await expect(fh.truncate(4096)).rejects.toMatchObject({ code: 'EPERM' })
+      await expect(fh.truncate(MiB)).rejects.toMatchObject({ code: 'EPERM' })
+      await fh.truncate(64 * 1024)
+      await expect(fh.write(Buffer.alloc(10), 0, 10, 64 * 1024)).rejects.toMatchObject({ code: 'EPERM' })
+      expect((await fh.write(Buffer.alloc(8192, 0x77), 0, 8192, 60 * 1024)).bytesWritten).toBe(4096)
+      expect(disk.bytes.subarray(60 * 1024).every((b) => b === 0x77)).toBe(true)
+    } finally {
+      await fh.close()
+    }
+    await expect(open(m.paths[0]!, fsConstants.O_WRONLY | fsConstants.O_TRUNC)).rejects.toMatchObject({ code: 'EPERM' })
+    expect(disk.virtualSize).toBe(64 * 1024)
+    expect(disk.resizes).toBe(0)
   })
 })
 

@@ -32,20 +32,23 @@ export interface MemoryDiskOptions {
 
 /** A disk in RAM; counts calls and the largest number of reads in flight at once. */
 export class MemoryDisk implements VirtualDisk {
-  readonly virtualSize: number
   readonly readOnly: boolean
-  readonly bytes: Buffer
+  bytes: Buffer
   reads = 0
   writes = 0
   flushes = 0
+  resizes = 0
   inFlight = 0
   maxInFlight = 0
   closed = false
   private readonly damaged: MemoryDiskOptions['damaged']
   private readonly readDelayMs: number
 
+  get virtualSize(): number {
+    return this.bytes.length
+  }
+
   constructor(opts: MemoryDiskOptions) {
-    this.virtualSize = opts.sizeBytes
     this.readOnly = opts.readOnly ?? true
     this.bytes = patternBytes(0, opts.sizeBytes, opts.salt ?? 0)
     this.damaged = opts.damaged
@@ -81,6 +84,16 @@ export class MemoryDisk implements VirtualDisk {
   async writeZeroes(guestOffset: number, byteCount: number): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError('memory disk is read-only')
     this.bytes.fill(0, guestOffset, guestOffset + byteCount)
+  }
+
+  /** Resizes like a qcow2 image: the size rounds up to 512 bytes, new bytes read as zeros. */
+  async resize(sizeBytes: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError('memory disk is read-only')
+    this.resizes++
+    const rounded = Math.ceil(sizeBytes / 512) * 512
+    const next = Buffer.alloc(rounded)
+    this.bytes.copy(next, 0, 0, Math.min(rounded, this.bytes.length))
+    this.bytes = next
   }
 
   async flush(): Promise<void> {

@@ -57,19 +57,24 @@ describe('toFuseErrno', () => {
 })
 
 describe('mount options', () => {
-  it('defaults to read-only, no snapshot, default cache, no allow_other', () => {
-    expect(parseMountOptions([])).toEqual({ readOnly: true, allowOther: false })
+  it('defaults to read-write where possible, resizable, no snapshot, default cache, no allow_other', () => {
+    expect(parseMountOptions([])).toEqual({ access: 'auto', fixedSize: false, allowOther: false })
   })
 
   it('parses every known option, across several -o', () => {
-    expect(parseMountOptions(['rw,cache-size=4M', 'allow_other'])).toEqual({ readOnly: false, l2CacheBytes: 4 * 1024 * 1024, allowOther: true })
-    expect(parseMountOptions(['rw,ro'])).toEqual({ readOnly: true, allowOther: false })
-    expect(parseMountOptions(['snapshot=1'])).toEqual({ readOnly: true, snapshot: '1', allowOther: false })
+    expect(parseMountOptions(['rw,cache-size=4M', 'allow_other,fixed-size'])).toEqual({
+      access: 'rw',
+      fixedSize: true,
+      l2CacheBytes: 4 * 1024 * 1024,
+      allowOther: true,
+    })
+    expect(parseMountOptions(['rw,ro'])).toEqual({ access: 'ro', fixedSize: false, allowOther: false })
+    expect(parseMountOptions(['snapshot=1'])).toEqual({ access: 'ro', fixedSize: false, snapshot: '1', allowOther: false })
     expect(parseMountOptions(['ro,snapshot=before upgrade'])).toMatchObject({ snapshot: 'before upgrade' })
   })
 
   it('refuses unknown options, bad values and rw with a snapshot, as usage errors', () => {
-    for (const bad of ['bogus', 'ro=1', 'snapshot', 'snapshot=', 'cache-size=', 'cache-size=0', 'cache-size=1T', 'cache-size=-5', 'rw,snapshot=s1', 'allow_other=yes']) {
+    for (const bad of ['bogus', 'ro=1', 'snapshot', 'snapshot=', 'cache-size=', 'cache-size=0', 'cache-size=1T', 'cache-size=-5', 'rw,snapshot=s1', 'allow_other=yes', 'fixed-size=1']) {
       expect(() => parseMountOptions([bad]), bad).toThrow(UsageError)
     }
     expect(() => parseMountOptions(['bogus'])).toThrow(/^unknown mount option 'bogus' \(known: [^)]+\)$/)

@@ -9,6 +9,9 @@ import * as path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { VirtualDisk } from '../../lib/disk.js'
 
+/** What these helpers need of a disk: its size and reads. */
+export type ReadableDisk = Pick<VirtualDisk, 'virtualSize' | 'read'>
+
 export const FIXTURES_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../fixtures')
 export const MANIFEST_PATH = path.join(FIXTURES_DIR, 'manifest.json')
 
@@ -123,7 +126,7 @@ export function chunkPlan(size: number, sizes: readonly number[] = VARYING_CHUNK
 }
 
 /** sha256 of the whole disk, read sequentially in chunks of varying sizes. */
-export async function hashDiskSequential(disk: VirtualDisk, sizes: readonly number[] = VARYING_CHUNK_SIZES): Promise<string> {
+export async function hashDiskSequential(disk: ReadableDisk, sizes: readonly number[] = VARYING_CHUNK_SIZES): Promise<string> {
   const hash = createHash('sha256')
   for (const [guestOffset, length] of chunkPlan(disk.virtualSize, sizes)) {
     const buf = new Uint8Array(length)
@@ -137,7 +140,7 @@ export async function hashDiskSequential(disk: VirtualDisk, sizes: readonly numb
  * The whole disk read with up to CONCURRENCY reads in flight at once, each into its own slice
  * of one buffer (as FUSE would issue them), in a shuffled order.
  */
-export async function readDiskConcurrently(disk: VirtualDisk, concurrency = 8, start = 3): Promise<Uint8Array> {
+export async function readDiskConcurrently(disk: ReadableDisk, concurrency = 8, start = 3): Promise<Uint8Array> {
   const whole = new Uint8Array(disk.virtualSize)
   const plan = chunkPlan(disk.virtualSize, VARYING_CHUNK_SIZES, start)
   // Deterministic shuffle: interleave from both ends so neighbours are not read in order.
@@ -186,7 +189,7 @@ function hexByte(v: number | undefined): string {
  * the first difference (its guest offset in hex and both bytes).
  */
 export async function diffDiskWithRaw(
-  disk: VirtualDisk,
+  disk: ReadableDisk,
   rawPath: string,
   sizes: readonly number[] = VARYING_CHUNK_SIZES,
 ): Promise<string | undefined> {

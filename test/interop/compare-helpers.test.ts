@@ -6,12 +6,12 @@
 import { writeFile } from 'node:fs/promises'
 import * as path from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import type { VirtualDisk } from '../../lib/disk.js'
 import {
   VARYING_CHUNK_SIZES,
   chunkPlan,
   describeDifference,
   diffDiskWithRaw,
+  type ReadableDisk,
   firstDifference,
   hashDiskSequential,
   readDiskConcurrently,
@@ -20,8 +20,7 @@ import {
 import { makeTempDir, removeTempDir } from '../helpers/qemu.js'
 
 /** A disk backed by a buffer; records every read so tests can see how it was read. */
-class MemoryDisk implements VirtualDisk {
-  readonly readOnly = true
+class MemoryDisk implements ReadableDisk {
   readonly reads: [number, number][] = []
   constructor(readonly bytes: Uint8Array) {}
   get virtualSize(): number {
@@ -34,11 +33,6 @@ class MemoryDisk implements VirtualDisk {
     await new Promise((resolve) => setImmediate(resolve))
     buf.set(this.bytes.subarray(guestOffset, guestOffset + buf.length))
   }
-  async write(): Promise<void> {
-    throw new Error('read-only')
-  }
-  async flush(): Promise<void> {}
-  async close(): Promise<void> {}
 }
 
 function patterned(size: number): Uint8Array {
