@@ -256,6 +256,19 @@ describe('writes', () => {
     }
   })
 
+  it('receives large writes whole (big_writes): 1 MiB in 128 KiB requests, not 4 KiB ones', async () => {
+    const disk = new MemoryDisk({ sizeBytes: 2 * MiB, readOnly: false })
+    const m = await mountDisks([{ imagePath: 'big.qcow2', disk }])
+    const fh = await open(m.paths[0]!, fsConstants.O_RDWR)
+    try {
+      const before = disk.writes
+      await fh.write(Buffer.alloc(MiB, 0x5a), 0, MiB, 0)
+      expect(disk.writes - before).toBe(8)
+    } finally {
+      await fh.close()
+    }
+  })
+
   it('resizes with truncate, ftruncate and O_TRUNC; sizes round up to 512 bytes', async () => {
     const disk = new MemoryDisk({ sizeBytes: 256 * 1024, salt: 4, readOnly: false })
     const m = await mountDisks([{ imagePath: 'rw.qcow2', disk }])
