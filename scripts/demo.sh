@@ -2,8 +2,11 @@
 # make demo: mounts the demo disk (fixtures/demo/overlay.qcow2, a compressed qcow2 overlay with
 # a relative backing file base.qcow2) with qcow2fs and shows what ordinary tools read from the
 # raw file it exposes: the MBR partition table (sfdisk), file(1), and the ext4 file system in
-# partition 1 (debugfs). What they print is checked against fixtures/manifest.json. Needs no
-# QEMU. Exits non-zero on any failure; the mount is always undone on exit.
+# partition 1 (debugfs). What they print is checked against fixtures/manifest.json. Then it
+# creates a new image with `qcow2fs create`, mounts it read-write, puts an ext4 file system with
+# a few files on the raw file (mkfs.ext4 -d), unmounts, and checks the image: e2fsck and debugfs
+# through a read-only remount, and `qemu-img check` when qemu-img is installed. Needs no QEMU.
+# Exits non-zero on any failure; the mounts are always undone on exit.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,7 +32,7 @@ die() {
 missing_packages=()
 command -v sfdisk >/dev/null 2>&1 || missing_packages+=(fdisk)
 command -v file >/dev/null 2>&1 || missing_packages+=(file)
-command -v debugfs >/dev/null 2>&1 || missing_packages+=(e2fsprogs)
+command -v debugfs >/dev/null 2>&1 && command -v mkfs.ext4 >/dev/null 2>&1 || missing_packages+=(e2fsprogs)
 command -v fusermount >/dev/null 2>&1 || missing_packages+=(fuse)
 if ((${#missing_packages[@]} > 0)); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -52,14 +55,17 @@ fi
 # --- expected results, from the manifest --------------------------------------------------------
 work=$(mktemp -d -t qcow2fs-demo.XXXXXX)
 mnt=$work/mnt
-mkdir "$mnt" "$work/expected"
+mnt2=$work/mnt2
+mkdir "$mnt" "$mnt2" "$work/expected"
 
 is_mounted() { grep -q " $1 fuse" /proc/self/mounts; }
 cleanup() {
   local status=$?
-  if is_mounted "$mnt"; then
-    qcow2fs unmount "$mnt" 2>/dev/null || fusermount -uz "$mnt" 2>/dev/null || true
-  fi
+  for m in "$mnt" "$mnt2"; do
+    if is_mounted "$m"; then
+      qcow2fs unmount "$m" 2>/dev/null || fusermount -uz "$m" 2>/dev/null || true
+    fi
+  done
   rm -rf "$work"
   exit "$status"
 }
@@ -134,5 +140,41 @@ show qcow2fs unmount "$mnt" || die "qcow2fs unmount failed (exit status $?)"
 echo "qcow2fs unmount returned 0"
 if is_mounted "$mnt"; then die "$mnt is still mounted"; fi
 echo "$mnt is no longer mounted"
+
+step "create a new image (64 MiB, extended L2 entries) and mount it read-write"
+new_image=$work/new.qcow2
+show qcow2fs create --extended-l2 "$new_image" 64M
+say qcow2fs mount "$new_image" "$mnt2"
+new_raw=$(qcow2fs mount "$new_image" "$mnt2") || die "qcow2fs mount failed (exit status $?)"
+echo "$new_raw"
+[[ $new_raw == "$mnt2/new.raw" ]] || die "mount printed '$new_raw', expected $mnt2/new.raw"
+
+step "write into it with ordinary tools: an ext4 file system holding a few files"
+mkdir "$work/tree"
+cp README.md "$work/tree/README.md"
+seq 1 20000 >"$work/tree/numbers.txt"
+show mkfs.ext4 -q -L qcow2fs-demo -d "$work/tree" "$new_raw"
+show file -s "$new_raw"
+file -s "$new_raw" | grep -q 'ext4 filesystem' || die "file(1) does not see the new ext4 file system"
+
+step "unmount; the image is closed and consistent"
+show qcow2fs unmount "$mnt2" || die "qcow2fs unmount failed (exit status $?)"
+show qcow2fs info "$new_image"
+if command -v qemu-img >/dev/null 2>&1; then
+  show qemu-img check "$new_image" || die "qemu-img check found problems in $new_image"
+else
+  echo "(qemu-img is not installed: skipping qemu-img check; the checks below still run)"
+fi
+
+step "mount it again read-only and check what was written"
+say qcow2fs mount -o ro "$new_image" "$mnt2"
+qcow2fs mount -o ro "$new_image" "$mnt2" >/dev/null || die "qcow2fs mount failed (exit status $?)"
+show e2fsck -fn "$new_raw" || die "e2fsck found errors in the new file system"
+for name in README.md numbers.txt; do
+  say debugfs -R "'cat /$name'" "'$new_raw'" "| cmp - $work/tree/$name"
+  debugfs -R "cat /$name" "$new_raw" 2>/dev/null | cmp - "$work/tree/$name" || die "/$name differs from what was written"
+  echo "(identical)"
+done
+show qcow2fs unmount "$mnt2" || die "qcow2fs unmount failed (exit status $?)"
 
 step "demo finished: all checks passed"
