@@ -171,9 +171,7 @@ export class WritePath {
       return
     }
     // Whole-cluster copy: compressed, shared, or no extended L2.
-    const merged = this.#mergedCluster(clusterGuestOffset, offsetInCluster, chunk)
-    this.#file.pwrite(merged, newHost, 'data')
-    this.dataWritten = true
+    this.#writeWholeCluster(clusterGuestOffset, offsetInCluster, chunk, newHost)
     let zeroBits = 0
     let allocBits = 0
     if (g.extendedL2) {
@@ -207,6 +205,30 @@ export class WritePath {
       out.set(chunk, head)
     }
     this.#file.pwrite(out, hostCluster + start, 'data')
+    this.dataWritten = true
+  }
+
+  /**
+   * Writes the whole cluster at the new hostCluster: what a read returns there now, with chunk
+   * laid over it. When the cluster lies past the end of the file and the rest of it reads as
+   * zeros, only the chunk is written and the file is extended over the cluster (bytes past the
+   * old end of a file read as zeros): a 4 KiB write into a fresh 64 KiB cluster writes 4 KiB.
+   */
+  #writeWholeCluster(clusterGuestOffset: number, offsetInCluster: number, chunk: Uint8Array, hostCluster: number): void {
+    const cs = this.#g.clusterSize
+    const merged = this.#mergedCluster(clusterGuestOffset, offsetInCluster, chunk)
+    const chunkEnd = offsetInCluster + chunk.length
+    if (
+      merged !== chunk &&
+      hostCluster >= this.#file.size &&
+      isAllZero(merged.subarray(0, offsetInCluster)) &&
+      isAllZero(merged.subarray(chunkEnd))
+    ) {
+      if (chunkEnd < cs) this.#file.truncate(hostCluster + cs)
+      this.#file.pwrite(chunk, hostCluster + offsetInCluster, 'data')
+    } else {
+      this.#file.pwrite(merged, hostCluster, 'data')
+    }
     this.dataWritten = true
   }
 

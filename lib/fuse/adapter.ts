@@ -264,20 +264,16 @@ export class RawFilesAdapter {
     } catch (err) {
       promise = Promise.reject(err)
     }
-    promise
-      .then(
-        (result) => result,
-        (err: unknown) => {
-          if (typeof err === 'number') return err
-          log.fuse('request failed: %s', err instanceof Error ? err.message : String(err))
-          return toFuseErrno(err)
-        },
-      )
-      .then((code) => {
-        this.inFlight--
-        if (this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake()
-        cb(code)
-      })
+    const finish = (code: number) => {
+      this.inFlight--
+      if (this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake()
+      cb(code)
+    }
+    promise.then(finish, (err: unknown) => {
+      if (typeof err === 'number') return finish(err)
+      log.fuse('request failed: %s', err instanceof Error ? err.message : String(err))
+      finish(toFuseErrno(err))
+    })
   }
 
   private lookup(path: string): RawFile {

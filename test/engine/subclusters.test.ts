@@ -36,8 +36,8 @@ import * as path from 'node:path'
 import { afterAll, beforeAll, describe, expect, test } from 'vitest'
 import { CorruptImageError, ReadOnlyError } from '../../lib/errors.js'
 import { Qcow2Image } from '../../lib/image.js'
-import type { BlockFile, WriteTag } from '../../lib/io/block-file.js'
-import { NodeBlockFile } from '../../lib/io/block-file.js'
+import { type BlockFile, NodeBlockFile } from '../../lib/io/block-file.js'
+import { CountingFile } from '../helpers/counting-file.js'
 import {
   type L2EntryOnDisk,
   entryFileOffset,
@@ -343,40 +343,6 @@ function zeroSteps(backing: boolean, zeroCmd: 'zero' | 'unmap'): Step[] {
 }
 
 // ---- the bench: our image, QEMU's twin, the raw model ----
-
-/** A BlockFile that counts the bytes written per tag (to see COW, or its absence). */
-class CountingFile implements BlockFile {
-  readonly written = new Map<WriteTag, number>()
-  constructor(private readonly inner: BlockFile) {}
-  get path(): string {
-    return this.inner.path
-  }
-  get size(): number {
-    return this.inner.size
-  }
-  get writable(): boolean {
-    return this.inner.writable
-  }
-  pread(buf: Uint8Array, hostOffset: number): number {
-    return this.inner.pread(buf, hostOffset)
-  }
-  pwrite(buf: Uint8Array, hostOffset: number, tag: WriteTag): void {
-    this.written.set(tag, (this.written.get(tag) ?? 0) + buf.length)
-    this.inner.pwrite(buf, hostOffset, tag)
-  }
-  sync(): void {
-    this.inner.sync()
-  }
-  truncate(size: number): void {
-    this.inner.truncate(size)
-  }
-  allocatedBytes(): number {
-    return this.inner.allocatedBytes()
-  }
-  close(): void {
-    this.inner.close()
-  }
-}
 
 class Bench {
   img: Qcow2Image | undefined
