@@ -1,9 +1,14 @@
 #!/usr/bin/env node
 /*
- * The "no-I/O" benchmark baseline: a fuse-native server exposing one read-only file,
- * MOUNTPOINT/zero.raw, whose reads are answered with zeros without touching any file.
- * Measured with the same dd/fio commands as the real targets, it shows what the FUSE
- * binding and the kernel round trip cost on their own, i.e. the ceiling for qcow2fs.
+ * The "no-I/O" benchmark baseline: a fuse-native server exposing one file, MOUNTPOINT/zero.raw,
+ * whose reads are answered with zeros without touching any file. Measured with the same dd/fio
+ * commands as the real targets, it shows what the FUSE binding and the kernel round trip cost on
+ * their own, i.e. the ceiling for qcow2fs.
+ *
+ * The file is read-only when the option string contains `ro` (the default one does). Without
+ * `ro` it is writable (mode 0644): writes are answered as fully written and their data is
+ * dropped, fsync and flush succeed at once, and the size never changes (a truncate to another
+ * size fails with EPERM). bench/write.sh measures the write ceiling this way.
  *
  * Usage: node bench/zero-fuse.mjs MOUNTPOINT SIZE_BYTES [FUSE_OPTION_STRING]
  * Prints the file path once mounted; unmounts on SIGINT/SIGTERM.
@@ -48,6 +53,8 @@ const optionString = optionArg || DEFAULT_OPTIONS
 if (!optionString.startsWith('-o')) fail(`FUSE_OPTION_STRING must start with -o: ${optionString}`, 2)
 const sizeBytes = Number(sizeArg)
 if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) fail(`bad SIZE_BYTES: ${sizeArg}`, 2)
+/** Writable unless the kernel options mount it read-only. */
+const writable = !optionString.slice(2).split(',').includes('ro')
 
 const stats = process.env.ZERO_FUSE_STATS === '1' ? { requests: 0, notContinuing: 0, nextOffset: 0, sizes: new Map() } : undefined
 if (stats) {
@@ -74,7 +81,7 @@ function stat(mode, size, nlink) {
 const ops = {
   getattr(path, cb) {
     if (path === '/') return cb(0, stat(0o40555, 4096, 2))
-    if (path === `/${FILE_NAME}`) return cb(0, stat(0o100444, sizeBytes, 1))
+    if (path === `/${FILE_NAME}`) return cb(0, stat(writable ? 0o100644 : 0o100444, sizeBytes, 1))
     return cb(Fuse.ENOENT)
   },
   readdir(path, cb) {
@@ -83,12 +90,31 @@ const ops = {
   },
   open(path, flags, cb) {
     if (path !== `/${FILE_NAME}`) return cb(Fuse.ENOENT)
-    // O_ACCMODE: only read-only opens are allowed.
-    if ((flags & 3) !== 0) return cb(Fuse.EACCES)
+    // O_ACCMODE: only read-only opens are allowed on a read-only mount.
+    if (!writable && (flags & 3) !== 0) return cb(Fuse.EACCES)
     return cb(0, 1)
   },
   release(path, fd, cb) {
     return cb(0)
+  },
+  write(path, fd, buf, len, guestOffset, cb) {
+    if (!writable) return cb(Fuse.EROFS)
+    return cb(len)
+  },
+  flush(path, fd, cb) {
+    return cb(0)
+  },
+  fsync(path, datasync, fd, cb) {
+    return cb(0)
+  },
+  truncate(path, size, cb) {
+    if (path !== `/${FILE_NAME}`) return cb(Fuse.ENOENT)
+    if (!writable) return cb(Fuse.EROFS)
+    return cb(size === sizeBytes ? 0 : Fuse.EPERM)
+  },
+  ftruncate(path, fd, size, cb) {
+    if (!writable) return cb(Fuse.EROFS)
+    return cb(size === sizeBytes ? 0 : Fuse.EPERM)
   },
   read(path, fd, buf, len, guestOffset, cb) {
     if (stats) {
