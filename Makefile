@@ -2,7 +2,7 @@
 #   make build     npm ci when node_modules is missing or older than package-lock.json, then tsc
 #   make test      installs what a fresh machine lacks, builds, runs every test (vitest)
 #   make demo      mounts the demo image and shows what fdisk, file and debugfs read from it
-#   make bench     qcow2fs against qemu-storage-daemon's FUSE export (bench/run.sh)
+#   make bench     qcow2fs against qemu-storage-daemon's FUSE export: reads (bench/run.sh), writes (bench/write.sh)
 #   make fixtures  recreates the committed test images (needs qemu-img, qemu-io)
 #   make clean     removes build output and scratch files
 
@@ -57,6 +57,7 @@ demo: build
 
 bench: build
 	bash bench/run.sh
+	bash bench/write.sh
 
 fixtures:
 	bash fixtures/make-fixtures.sh

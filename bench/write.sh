@@ -1,0 +1,853 @@
+#!/usr/bin/env bash
+#
+# make bench, second part: write performance of qcow2fs compared with qemu-storage-daemon's FUSE
+# export (writable=on) of the same kind of image, measured in the same run, plus the no-I/O FUSE
+# server (bench/zero-fuse.mjs, writable) that shows the ceiling of the FUSE binding itself.
+#
+# Every measurement of qcow2fs or qsd writes into an image created for it (qemu-img create,
+# 64 KiB clusters), mounted only for that measurement; afterwards the server is stopped
+# (`qcow2fs unmount MNT`, SIGTERM for qsd) and `qemu-img check` must pass, or the run stops.
+#
+# Cases, each run BENCH_REPS times per target (interleaved across targets), median reported:
+#   seq-write      dd bs=1M conv=fsync,notrunc of BENCH_IMAGE_MIB MiB of realistic data
+#                  (bench/make-data.mjs, read into the host page cache first) into an empty
+#                  image; the image must then equal the data (qemu-img compare)
+#   rand-qd1       fio 4 KiB random writes, psync, iodepth 1, time based, into an empty image
+#   rand-qd16      the same with libaio, iodepth 16
+#   scatter-plain  BENCH_SCATTER_WRITES fio 4 KiB writes at distinct random offsets (fixed seed
+#                  and data) into an empty overlay over a fully allocated backing image
+#   scatter-extl2  the same with an overlay with extended L2 entries (extended_l2=on)
+# For the scatter cases the figure is the growth of the overlay's allocated size (stat %b x 512,
+# after the server closed it) per guest byte written; the qcow2fs and qsd overlays of one
+# repetition must have the same guest contents (qemu-img compare). The no-I/O server takes
+# part in seq-write, rand-qd1 and rand-qd16 (it has no image).
+#
+# Environment knobs (defaults in brackets):
+#   BENCH_WORK_DIR [.tmp/bench-write]  images, mountpoints, logs (needs ~3.5 GiB free)
+#   BENCH_REPS [3]                  repetitions of each measurement
+#   BENCH_FIO_RUNTIME [20]          seconds per time-based fio run
+#   BENCH_IMAGE_MIB [1024]          guest size of the images and of the sequential write
+#   BENCH_SCATTER_WRITES [4096]     4 KiB writes per scatter case
+#   BENCH_QCOW2FS_OPTS []           extra arguments for `qcow2fs mount`
+#   BENCH_TARGETS [qcow2fs qsd zero]  what to measure; a partial run never updates the doc
+#   BENCH_CASES [all five]          which cases to run; a partial run never updates the doc
+#   BENCH_UPDATE_DOC [1]            0: do not rewrite the write results section of
+#                                   docs/PERFORMANCE.md
+#
+# Besides each figure, the CPU time the server process used for it is recorded (seconds per
+# GiB, microseconds per write), the bytes the server process dirtied in the page cache
+# (/proc/PID/io write_bytes) and the growth of the image file's allocated size. Results:
+# bench/results/write-latest.md (git-ignored) and the section between the bench-write-results
+# markers of docs/PERFORMANCE.md. About 10 to 15 minutes with the defaults.
+#
+# Requires root (drop_caches, FUSE mounts), qemu-img, qemu-storage-daemon, fio, fusermount.
+set -euo pipefail
+
+ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench-write}
+REPS=${BENCH_REPS:-3}
+FIO_RUNTIME_S=${BENCH_FIO_RUNTIME:-20}
+IMAGE_MIB=${BENCH_IMAGE_MIB:-1024}
+SCATTER_WRITES=${BENCH_SCATTER_WRITES:-4096}
+QCOW2FS_OPTS=${BENCH_QCOW2FS_OPTS:-}
+UPDATE_DOC=${BENCH_UPDATE_DOC:-1}
+ALL_CASES="seq-write rand-qd1 rand-qd16 scatter-plain scatter-extl2"
+TARGET_KINDS=" ${BENCH_TARGETS:-qcow2fs qsd zero} "
+read -r -a CASES <<<"${BENCH_CASES:-$ALL_CASES}"
+MOUNT_TIMEOUT_S=30
+STOP_TIMEOUT_S=60
+RESULTS_DIR=$ROOT/bench/results
+CLI=$ROOT/dist/cli/main.js
+# Fixed offsets and data for the scatter cases, so that every target writes the same bytes.
+SCATTER_SEED=20261121
+SCATTER_PATTERN=0x71636f77
+
+mkdir -p "$WORK_DIR"
+WORK_DIR=$(cd -- "$WORK_DIR" && pwd)
+IMAGE_DIR=$WORK_DIR/images
+MNT_ROOT=$WORK_DIR/mnt
+LOG_DIR=$WORK_DIR/logs
+SAMPLES=$WORK_DIR/samples.tsv
+META=$WORK_DIR/meta.env
+DATA_RAW=$IMAGE_DIR/data.raw
+BASE=$IMAGE_DIR/base.qcow2
+IMAGE_BYTES=$((IMAGE_MIB * 1024 * 1024))
+# Bump when make-data.mjs or the conversion options change, so cached images are rebuilt.
+IMAGE_RECIPE="v1 size=${IMAGE_MIB}MiB cluster=64KiB"
+
+log() { printf '[bench-write %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: every process started and every mount made is registered here and undone on exit,
+# whatever the exit path.
+
+declare -A LIVE_PIDS=() # server processes running now (pid -> what)
+MOUNTS=()               # mountpoints (directories or, for qsd, regular files) that may be mounted
+QCOW2FS_MNTS=()         # mountpoints to unmount with `qcow2fs unmount` first
+
+is_mounted() { findmnt -rn --mountpoint "$1" >/dev/null 2>&1; }
+
+stop_pid() {
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  log "process $pid ignored SIGTERM; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? mnt pid
+  trap - EXIT INT TERM
+  set +e
+  for mnt in "${QCOW2FS_MNTS[@]}"; do
+    if is_mounted "$mnt"; then
+      timeout 20 node "$CLI" unmount "$mnt" >>"$LOG_DIR/unmount.log" 2>&1 ||
+        log "qcow2fs unmount $mnt failed (see $LOG_DIR/unmount.log); forcing"
+    fi
+  done
+  for pid in "${!LIVE_PIDS[@]}"; do stop_pid "$pid"; done
+  for mnt in "${MOUNTS[@]}"; do
+    if is_mounted "$mnt"; then
+      log "forcing unmount of $mnt"
+      fusermount -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+    fi
+  done
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------
+# Preconditions
+
+[[ $(id -u) -eq 0 ]] || die "run as root: the benchmark drops the page cache and mounts FUSE filesystems"
+for tool in node npx qemu-img qemu-storage-daemon fio fusermount findmnt dd stat sync timeout; do
+  command -v "$tool" >/dev/null || die "$tool is not installed (qemu-utils, qemu-system-common, fio, fuse)"
+done
+[[ -e /dev/fuse ]] || die "/dev/fuse is missing"
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPS must be a positive integer"
+[[ $FIO_RUNTIME_S =~ ^[1-9][0-9]*$ ]] || die "BENCH_FIO_RUNTIME must be a positive integer"
+[[ $IMAGE_MIB =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGE_MIB must be a positive integer"
+[[ $SCATTER_WRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_SCATTER_WRITES must be a positive integer"
+((SCATTER_WRITES <= IMAGE_MIB * 256)) || die "BENCH_SCATTER_WRITES exceeds the 4 KiB blocks of the image ($((IMAGE_MIB * 256)))"
+
+for kind in $TARGET_KINDS; do
+  [[ $kind =~ ^(qcow2fs|qsd|zero)$ ]] || die "unknown kind in BENCH_TARGETS: $kind"
+done
+((${#CASES[@]} > 0)) || die "BENCH_CASES is empty"
+for case_name in "${CASES[@]}"; do
+  [[ " $ALL_CASES " == *" $case_name "* ]] || die "unknown case in BENCH_CASES: $case_name (known: $ALL_CASES)"
+done
+wants() { [[ $TARGET_KINDS == *" $1 "* ]]; }
+wants_case() { [[ " ${CASES[*]} " == *" $1 "* ]]; }
+if ! wants qcow2fs || ! wants qsd || ! wants zero || [[ ${CASES[*]} != "$ALL_CASES" ]]; then
+  log "partial run (BENCH_TARGETS=${BENCH_TARGETS:-}, BENCH_CASES=${BENCH_CASES:-}): docs/PERFORMANCE.md is left alone"
+  UPDATE_DOC=0
+fi
+
+mkdir -p "$IMAGE_DIR" "$MNT_ROOT" "$LOG_DIR" "$RESULTS_DIR"
+# A previous run that was killed hard may have left mounts behind.
+for stale in "$MNT_ROOT"/*; do
+  [[ -e $stale ]] || continue
+  if is_mounted "$stale"; then
+    log "removing stale mount $stale"
+    fusermount -uz "$stale" 2>/dev/null || umount -l "$stale" || true
+  fi
+done
+rm -rf "${MNT_ROOT:?}"/* "${LOG_DIR:?}"/* "${IMAGE_DIR:?}"/run-*
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+if ! wants qcow2fs; then
+  :
+elif [[ ! -f $CLI ]] || [[ -n $(find lib cli tsconfig.json -newer "$CLI" \( -name '*.ts' -o -name tsconfig.json \) 2>/dev/null | head -n 1) ]]; then
+  log "building (npx tsc -p tsconfig.json)"
+  npx tsc -p tsconfig.json
+fi
+if wants qcow2fs; then [[ -f $CLI ]] || die "build did not produce $CLI"; fi
+
+# ---------------------------------------------------------------------------------------------
+# Source data and the backing image (cached in the work dir between runs)
+
+if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$IMAGE_RECIPE" || ! -f $DATA_RAW || ! -f $BASE ]]; then
+  rm -f "$IMAGE_DIR/recipe" "$DATA_RAW" "$BASE"
+  avail_kib=$(df -Pk "$IMAGE_DIR" | awk 'NR==2 {print $4}')
+  need_kib=$((IMAGE_MIB * 1024 * 7 / 2 + 256 * 1024))
+  ((avail_kib >= need_kib)) || die "$IMAGE_DIR needs $((need_kib / 1024)) MiB free, has $((avail_kib / 1024)) MiB (set BENCH_WORK_DIR)"
+  log "generating ${IMAGE_MIB} MiB of test data"
+  node bench/make-data.mjs "$DATA_RAW" "$IMAGE_MIB"
+  log "converting to a fully allocated qcow2 image (the backing file of the scatter cases)"
+  qemu-img convert -f raw -O qcow2 -o cluster_size=65536 -S 0 "$DATA_RAW" "$BASE"
+  qemu-img check -q "$BASE" || die "qemu-img check failed for $BASE"
+  holes=$(qemu-img map --output=json "$BASE" | node -e '
+    let text = ""
+    process.stdin.on("data", (chunk) => (text += chunk)).on("end", () => {
+      const extents = JSON.parse(text)
+      console.log(extents.filter((e) => !e.data || e.zero || e.depth !== 0).length)
+    })')
+  [[ $holes -eq 0 ]] || die "$BASE has $holes unallocated or zero extents"
+  echo "$IMAGE_RECIPE" >"$IMAGE_DIR/recipe"
+else
+  log "reusing data and backing image in $IMAGE_DIR"
+fi
+
+# The images written by the measurements: `qemu-img create`, as a user would make them.
+# Commands are kept in arrays, so that the report shows exactly what ran.
+create_command() { # CASE IMAGE -> CMD
+  case $1 in
+    seq-write | rand-*) CMD=(qemu-img create -q -f qcow2 -o cluster_size=64k "$2" "${IMAGE_MIB}M") ;;
+    scatter-plain) CMD=(qemu-img create -q -f qcow2 -o cluster_size=64k -b "$(basename "$BASE")" -F qcow2 "$2") ;;
+    scatter-extl2) CMD=(qemu-img create -q -f qcow2 -o "extended_l2=on,cluster_size=64k" -b "$(basename "$BASE")" -F qcow2 "$2") ;;
+    *) die "no image recipe for case $1" ;;
+  esac
+}
+
+create_image() { # CASE IMAGE (in IMAGE_DIR, next to the backing file it may name)
+  rm -f "$2"
+  create_command "$1" "$2"
+  "${CMD[@]}" >>"$LOG_DIR/create.log" 2>&1 || die "${CMD[*]} failed (see $LOG_DIR/create.log)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Servers. start_* set RAW (the file to write) and SERVER_PID; stop_* stop them and return once
+# the image is closed.
+
+RAW=
+SERVER_PID=
+QCOW2FS_MNT=$MNT_ROOT/qcow2fs
+QSD_FILE=$MNT_ROOT/qsd.raw
+ZERO_MNT=$MNT_ROOT/zero
+UNMOUNT_FAILURES=0
+mkdir -p "$QCOW2FS_MNT" "$ZERO_MNT"
+: >"$QSD_FILE" # the FUSE export mounts over an existing regular file
+MOUNTS+=("$QCOW2FS_MNT" "$QSD_FILE" "$ZERO_MNT")
+QCOW2FS_MNTS+=("$QCOW2FS_MNT")
+
+wait_mounted() { # MOUNTPOINT FILE PID LOGFILE WHAT
+  local mountpoint=$1 file=$2 pid=$3 logfile=$4 what=$5 rc
+  local deadline=$((SECONDS + MOUNT_TIMEOUT_S))
+  until is_mounted "$mountpoint" && [[ -e $file ]]; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rc=0
+      wait "$pid" || rc=$?
+      unset "LIVE_PIDS[$pid]"
+      cat "$logfile" >&2 || true
+      die "$what exited with status $rc before mounting"
+    fi
+    ((SECONDS < deadline)) || { cat "$logfile" >&2 || true; die "$what did not mount $file within ${MOUNT_TIMEOUT_S}s"; }
+    sleep 0.1
+  done
+}
+
+# The pid of the background server that `qcow2fs mount` started for MOUNTPOINT, asked over
+# its control socket (lib/fuse/control.ts, op "status"). Not found by scanning /proc: reading
+# another process's command line blocks while that process is stuck on a hung FUSE mount.
+find_serve_pid() { # MOUNTPOINT
+  timeout 20 node --input-type=module -e '
+    const control = await import(process.argv[1] + "/dist/lib/fuse/control.js")
+    const { realpathSync } = await import("node:fs")
+    const answer = await control.sendControlRequest(control.controlSocketPath(realpathSync(process.argv[2])), { op: "status" }, 10000)
+    answer.hangUp()
+    if (!answer.reply.ok || !Number.isInteger(answer.reply.pid)) throw new Error(JSON.stringify(answer.reply))
+    console.log(answer.reply.pid)
+  ' "$ROOT" "$1"
+}
+
+qcow2fs_mount_command() { # IMAGE MNT -> CMD
+  # -o rw: an image that cannot be written is refused instead of mounted read-only.
+  # shellcheck disable=SC2206 # QCOW2FS_OPTS is a list of words on purpose
+  CMD=(node "$CLI" mount -o rw $QCOW2FS_OPTS "$1" "$2")
+}
+
+start_qcow2fs() { # IMAGE
+  local image=$1 logfile=$LOG_DIR/qcow2fs.log out=$LOG_DIR/qcow2fs-mount.out rc=0
+  qcow2fs_mount_command "$image" "$QCOW2FS_MNT"
+  # As users run it: `mount` starts a background server, prints the raw file and exits once
+  # the mount is live. Its output goes to a file: the server must not hold a pipe of ours.
+  timeout $((MOUNT_TIMEOUT_S + 20)) "${CMD[@]}" >"$out" 2>>"$logfile" || rc=$?
+  ((rc == 0)) || { tail -n 5 "$logfile" >&2; die "qcow2fs mount $image failed with status $rc (see $logfile)"; }
+  RAW=$(tail -n 1 "$out")
+  if ! is_mounted "$QCOW2FS_MNT" || [[ ! -f $RAW ]]; then die "qcow2fs mount printed '$RAW', which is not a file on a live mount"; fi
+  SERVER_PID=$(find_serve_pid "$QCOW2FS_MNT" 2>>"$logfile") || die "cannot ask the qcow2fs server of $QCOW2FS_MNT for its pid (see $logfile)"
+  LIVE_PIDS[$SERVER_PID]=qcow2fs
+}
+
+stop_qcow2fs() {
+  local logfile=$LOG_DIR/qcow2fs.log deadline=$((SECONDS + STOP_TIMEOUT_S))
+  if ! timeout "$STOP_TIMEOUT_S" node "$CLI" unmount "$QCOW2FS_MNT" >>"$logfile" 2>&1; then
+    # Counted and reported: the server may still have unmounted and closed the image.
+    UNMOUNT_FAILURES=$((UNMOUNT_FAILURES + 1))
+    log "qcow2fs unmount $QCOW2FS_MNT reported a failure (see $logfile); waiting for the server"
+  fi
+  while kill -0 "$SERVER_PID" 2>/dev/null; do
+    ((SECONDS < deadline)) || die "the qcow2fs server $SERVER_PID is still running ${STOP_TIMEOUT_S}s after unmount"
+    sleep 0.1
+  done
+  unset "LIVE_PIDS[$SERVER_PID]"
+  ! is_mounted "$QCOW2FS_MNT" || die "$QCOW2FS_MNT is still mounted after its server ended"
+}
+
+qsd_command() { # IMAGE EXPORT_FILE -> CMD
+  # Commas in QEMU option values are escaped by doubling them.
+  CMD=(qemu-storage-daemon
+    --blockdev "driver=file,node-name=file,filename=${1//,/,,},aio=threads,cache.direct=off"
+    --blockdev "driver=qcow2,node-name=qcow2,file=file"
+    --export "type=fuse,id=exp,node-name=qcow2,mountpoint=${2//,/,,},writable=on")
+}
+
+start_qsd() { # IMAGE
+  local logfile=$LOG_DIR/qsd.log
+  qsd_command "$1" "$QSD_FILE"
+  "${CMD[@]}" >>"$logfile" 2>&1 &
+  SERVER_PID=$!
+  LIVE_PIDS[$SERVER_PID]=qsd
+  wait_mounted "$QSD_FILE" "$QSD_FILE" "$SERVER_PID" "$logfile" "qemu-storage-daemon ($1)"
+  RAW=$QSD_FILE
+}
+
+stop_qsd() { # qsd flushes and closes the image on SIGTERM
+  local rc=0
+  kill -TERM "$SERVER_PID"
+  wait "$SERVER_PID" || rc=$?
+  unset "LIVE_PIDS[$SERVER_PID]"
+  ((rc == 0)) || die "qemu-storage-daemon exited with status $rc (see $LOG_DIR/qsd.log)"
+  ! is_mounted "$QSD_FILE" || die "$QSD_FILE is still mounted after qemu-storage-daemon ended"
+}
+
+# The kernel options qcow2fs mounts a writable image with (its default tuning), so that the
+# no-I/O server differs from qcow2fs only in what happens inside a request.
+qcow2fs_option_string() {
+  node --input-type=module -e '
+    const { buildOptionString } = await import(process.argv[1] + "/dist/lib/fuse/native.js")
+    const { DEFAULT_KERNEL_TUNING } = await import(process.argv[1] + "/dist/lib/fuse/adapter.js")
+    console.log(buildOptionString({ ...DEFAULT_KERNEL_TUNING, name: "zero-fuse", readOnly: false, allowOther: false }))
+  ' "$ROOT" 2>>"$LOG_DIR/zero.log"
+}
+
+ZERO_RAW=$ZERO_MNT/zero.raw
+ZERO_PID=
+ZERO_OPTIONS=
+start_zero() { # once: the no-I/O server stays mounted for the whole run
+  local logfile=$LOG_DIR/zero.log options=
+  if [[ -f $ROOT/dist/lib/fuse/native.js ]]; then
+    options=$(qcow2fs_option_string) || {
+      log "cannot read qcow2fs's FUSE options from dist/ (see $logfile)"
+      options=
+    }
+  fi
+  # Without `ro` in its options zero-fuse accepts writes; its own defaults are read-only.
+  [[ -n $options ]] || options="-ofsname=zero-fuse,subtype=zero-fuse,default_permissions,max_read=131072,max_readahead=131072,big_writes,kernel_cache"
+  ZERO_OPTIONS=$options
+  node bench/zero-fuse.mjs "$ZERO_MNT" "$IMAGE_BYTES" "$options" >"$logfile" 2>&1 &
+  ZERO_PID=$!
+  LIVE_PIDS[$ZERO_PID]=zero
+  wait_mounted "$ZERO_MNT" "$ZERO_RAW" "$ZERO_PID" "$logfile" "zero-fuse"
+  [[ -w $ZERO_RAW ]] || die "zero-fuse mounted $ZERO_RAW read-only"
+  log "no-I/O server: $ZERO_RAW"
+}
+
+start_server() { # KIND IMAGE
+  case $1 in
+    qcow2fs) start_qcow2fs "$2" ;;
+    qsd) start_qsd "$2" ;;
+    zero) RAW=$ZERO_RAW SERVER_PID=$ZERO_PID ;;
+  esac
+}
+
+stop_server() { # KIND
+  case $1 in
+    qcow2fs) stop_qcow2fs ;;
+    qsd) stop_qsd ;;
+    zero) ;;
+  esac
+  RAW=''
+  SERVER_PID=
+}
+
+# ---------------------------------------------------------------------------------------------
+# Smoke test of every target, which also decides whether fio can use O_DIRECT: a 4 KiB write
+# with oflag=direct into a scratch image, then unmount and qemu-img check.
+
+if wants zero; then start_zero; fi
+
+FIO_CACHE_FLAGS=(--direct=1)
+FIO_CACHE_NOTE="O_DIRECT (--direct=1)"
+for kind in $TARGET_KINDS; do
+  probe=$IMAGE_DIR/run-probe.qcow2
+  [[ $kind == zero ]] || create_image rand-qd1 "$probe"
+  start_server "$kind" "$probe"
+  if ! dd if=/dev/urandom of="$RAW" bs=4096 count=1 oflag=direct conv=notrunc status=none 2>>"$LOG_DIR/direct-probe.log"; then
+    dd if=/dev/urandom of="$RAW" bs=4096 count=1 conv=notrunc,fsync status=none 2>>"$LOG_DIR/direct-probe.log" ||
+      die "$kind: a 4 KiB write to $RAW failed (see $LOG_DIR/direct-probe.log)"
+    log "$kind rejects O_DIRECT writes; fio runs buffered"
+    FIO_CACHE_FLAGS=()
+    FIO_CACHE_NOTE="buffered writes (a target rejected O_DIRECT)"
+  fi
+  stop_server "$kind"
+  if [[ $kind != zero ]]; then
+    qemu-img check -q "$probe" || die "qemu-img check failed for the image $kind wrote the probe into"
+    rm -f "$probe"
+  fi
+done
+log "every target accepts writes; fio uses ${FIO_CACHE_NOTE}"
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+seq_command() { CMD=(dd "if=$1" "of=$2" bs=1M "conv=fsync,notrunc"); } # DATA RAW
+fio_rand_command() { # RAW IOENGINE IODEPTH JSON
+  CMD=(fio --name=randwrite "--filename=$1" --rw=randwrite --bs=4k "--ioengine=$2" "--iodepth=$3"
+    "${FIO_CACHE_FLAGS[@]}" "--runtime=$FIO_RUNTIME_S" --time_based --norandommap --randrepeat=0
+    --fallocate=none --output-format=json "--output=$4")
+}
+fio_scatter_command() { # RAW JSON
+  # The random map (fio's default) makes every offset distinct; the seed and the pattern make
+  # offsets and data the same for every target.
+  CMD=(fio --name=scatter "--filename=$1" --rw=randwrite --bs=4k --ioengine=psync --iodepth=1
+    "${FIO_CACHE_FLAGS[@]}" "--io_size=$((SCATTER_WRITES * 4096))" --randrepeat=1 "--randseed=$SCATTER_SEED"
+    "--buffer_pattern=$SCATTER_PATTERN" --scramble_buffers=0 --fallocate=none --output-format=json "--output=$2")
+}
+workload_command() { # CASE RAW JSON -> CMD
+  case $1 in
+    seq-write) seq_command "$DATA_RAW" "$2" ;;
+    rand-qd1) fio_rand_command "$2" psync 1 "$3" ;;
+    rand-qd16) fio_rand_command "$2" libaio 16 "$3" ;;
+    scatter-*) fio_scatter_command "$2" "$3" ;;
+  esac
+}
+
+prepare_caches() { # CASE: everything written back and dropped; the data to write cached
+  drop_caches
+  case $1 in
+    seq-write) cat "$DATA_RAW" >/dev/null ;;
+    # The backing image cached, so that copying on write measures the servers, not the disk.
+    scatter-*) cat "$BASE" >/dev/null ;;
+  esac
+}
+
+# CPU time (user + system, all threads) a process has used so far, in clock ticks.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # PID
+  local stat fields
+  stat=$(<"/proc/$1/stat") || die "server process $1 is gone"
+  # Fields after "pid (comm) ": state is the first, utime the 12th, stime the 13th.
+  read -r -a fields <<<"${stat##*) }"
+  echo $((fields[11] + fields[12]))
+}
+# Bytes of page cache the process (all its threads) has dirtied so far: what it will cost the
+# disk. A page dirtied again before it was written back counts once.
+write_bytes() { # PID
+  awk '/^write_bytes:/ { print $2; found = 1 } END { exit !found }' "/proc/$1/io" || die "cannot read /proc/$1/io"
+}
+allocated_bytes() { # FILE
+  echo $(($(stat -c %b "$1") * 512))
+}
+
+run_dd() { # RAW -> "MB/s WRITES BYTES"
+  local out line
+  seq_command "$DATA_RAW" "$1"
+  out=$(LC_ALL=C "${CMD[@]}" 2>&1) || die "dd to $1 failed: $out"
+  line=$(tail -n 1 <<<"$out")
+  [[ $line =~ ^([0-9]+)\ bytes.*copied,\ ([0-9.e+-]+)\ s ]] || die "cannot parse dd output: $line"
+  [[ ${BASH_REMATCH[1]} -eq $IMAGE_BYTES ]] || die "dd wrote ${BASH_REMATCH[1]} of $IMAGE_BYTES bytes to $1"
+  awk -v bytes="${BASH_REMATCH[1]}" -v secs="${BASH_REMATCH[2]}" 'BEGIN { printf "%.1f %d %d\n", bytes / secs / 1e6, bytes / 1048576, bytes }'
+}
+
+run_fio() { # CASE RAW JSON -> "IOPS WRITES BYTES"
+  local json=$3 expected_bytes=0
+  [[ $1 != scatter-* ]] || expected_bytes=$((SCATTER_WRITES * 4096))
+  workload_command "$1" "$2" "$json"
+  "${CMD[@]}" >/dev/null 2>"$json.stderr" ||
+    die "fio on $2 failed: $(tail -n 5 "$json.stderr" 2>/dev/null)"
+  node -e '
+    const fs = require("node:fs")
+    const report = JSON.parse(fs.readFileSync(process.argv[1], "utf8"))
+    const job = report.jobs[0]
+    const expected = Number(process.argv[2])
+    if (!job || job.error !== 0 || !(job.write.total_ios > 0) || (expected > 0 && job.write.io_bytes !== expected)) {
+      console.error("fio job failed: " + JSON.stringify(job && { error: job.error, ios: job.write.total_ios, bytes: job.write.io_bytes }))
+      process.exit(1)
+    }
+    console.log(job.write.iops.toFixed(1), job.write.total_ios, job.write.io_bytes)' "$json" "$expected_bytes" ||
+    die "bad fio result in $json"
+}
+
+ms_since() { awk -v t0="$1" -v t1="$(date +%s%N)" 'BEGIN { printf "%.1f\n", (t1 - t0) / 1e6 }'; }
+
+# One measurement: fresh image, caches dropped, server started, workload, `sync RAW` after fio
+# (timed), counters read, server stopped, image checked. Appends a sample line.
+measure() { # REP CASE KIND
+  local rep=$1 case_name=$2 kind=$3 image=- out value writes guest cpu flush_ms=-
+  local ticks0 wbytes0 ticks wbytes alloc0=0 alloc=- t0
+  if [[ $kind != zero ]]; then
+    image=$IMAGE_DIR/run-$case_name-$kind-$rep.qcow2
+    create_image "$case_name" "$image"
+    alloc0=$(allocated_bytes "$image")
+  fi
+  prepare_caches "$case_name"
+  start_server "$kind" "$image"
+  ticks0=$(cpu_ticks "$SERVER_PID")
+  wbytes0=$(write_bytes "$SERVER_PID")
+  if [[ $case_name == seq-write ]]; then
+    out=$(run_dd "$RAW") || exit 1
+  else
+    out=$(run_fio "$case_name" "$RAW" "$LOG_DIR/fio-$case_name-$kind-$rep.json") || exit 1
+    # fio does not fsync; this makes the writes durable (metadata included) before the counters
+    # are read, and its time is reported next to the figure.
+    t0=$(date +%s%N)
+    sync "$RAW" || die "sync $RAW failed"
+    flush_ms=$(ms_since "$t0")
+  fi
+  read -r value writes guest <<<"$out"
+  ticks=$(($(cpu_ticks "$SERVER_PID") - ticks0))
+  wbytes=$(($(write_bytes "$SERVER_PID") - wbytes0))
+  stop_server "$kind"
+  if [[ $kind != zero ]]; then
+    qemu-img check "$image" >"$LOG_DIR/check.log" 2>&1 || {
+      cat "$LOG_DIR/check.log" >&2
+      die "qemu-img check failed for $image, written by $kind ($case_name, repetition $rep)"
+    }
+    if [[ $case_name == seq-write ]]; then
+      qemu-img compare -f qcow2 -F raw "$image" "$DATA_RAW" >"$LOG_DIR/compare.log" 2>&1 || {
+        cat "$LOG_DIR/compare.log" >&2
+        die "$image, written by $kind, differs from the data written into it"
+      }
+    fi
+    sync "$image"
+    alloc=$(($(allocated_bytes "$image") - alloc0))
+    # The scatter images are compared across targets after the repetition; the rest can go.
+    [[ $case_name == scatter-* ]] || rm -f "$image"
+  fi
+  if [[ $case_name == seq-write ]]; then
+    cpu=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v b="$guest" 'BEGIN { printf "%.3f", t / hz * 1073741824 / b }')
+  else
+    cpu=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$writes" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+  fi
+  [[ -n $value && -n $cpu ]] || die "no result for $case_name on $kind"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$case_name" "$kind" "$value" "$cpu" \
+    "$writes" "$guest" "$alloc" "$wbytes" "$flush_ms" >>"$SAMPLES"
+  log "rep $rep/$REPS $case_name $kind: $value (server CPU $cpu, host allocated $alloc and dirtied $wbytes bytes for $guest guest bytes, sync after ${flush_ms} ms)"
+}
+
+# Share of CPU time the machine spent busy over 3 s while the benchmark itself was idle: other
+# work running now skews the figures.
+cpu_busy_pct() {
+  local a b
+  a=$(head -n 1 /proc/stat)
+  sleep 3
+  b=$(head -n 1 /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN {
+    na = split(a, x); split(b, y); total = 0; idle = 0
+    for (i = 2; i <= na; i++) total += y[i] - x[i]
+    idle = (y[5] - x[5]) + (y[6] - x[6])
+    printf "%.0f\n", (total > 0 ? 100 * (total - idle) / total : 0)
+  }'
+}
+
+TARGETS=()
+for kind in qsd qcow2fs zero; do
+  if wants "$kind"; then TARGETS+=("$kind"); fi
+done
+
+BUSY_BEFORE=$(cpu_busy_pct)
+if ((BUSY_BEFORE > 25)); then
+  log "warning: the CPUs are ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
+fi
+printf 'rep\tcase\tkind\tvalue\tcpu\twrites\tguest_bytes\thost_alloc_bytes\thost_write_bytes\tflush_ms\n' >"$SAMPLES"
+log "measuring: ${TARGETS[*]} x ${CASES[*]} x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
+for rep in $(seq "$REPS"); do
+  # Alternate the target order between repetitions so drift does not favour one target.
+  order=("${TARGETS[@]}")
+  if ((rep % 2 == 0)); then
+    order=()
+    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
+  fi
+  for case_name in "${CASES[@]}"; do
+    for kind in "${order[@]}"; do
+      # The no-I/O server has no image to copy on write into.
+      [[ $kind == zero && $case_name == scatter-* ]] && continue
+      measure "$rep" "$case_name" "$kind"
+    done
+    if [[ $case_name == scatter-* ]]; then
+      ours=$IMAGE_DIR/run-$case_name-qcow2fs-$rep.qcow2
+      theirs=$IMAGE_DIR/run-$case_name-qsd-$rep.qcow2
+      if [[ -f $ours && -f $theirs ]]; then
+        qemu-img compare -f qcow2 -F qcow2 "$ours" "$theirs" >"$LOG_DIR/compare.log" 2>&1 || {
+          cat "$LOG_DIR/compare.log" >&2
+          die "$case_name, repetition $rep: the guest contents qcow2fs and qsd wrote differ"
+        }
+      fi
+      rm -f "$ours" "$theirs"
+    fi
+  done
+done
+
+BUSY_AFTER=$(cpu_busy_pct)
+if wants zero; then
+  if ! kill -0 "$ZERO_PID" 2>/dev/null || [[ ! -e $ZERO_RAW ]]; then die "the no-I/O server ended during the run"; fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+git_rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev="$git_rev + uncommitted changes"; fi
+# The commands as run, with placeholders for the per-measurement paths and the paths inside the
+# repository relative to it.
+command_text() {
+  local IFS=' '
+  CMD=("${CMD[@]//"$ROOT"\//}")
+  printf '%s\n' "${CMD[*]}"
+}
+{
+  printf 'date=%s\n' "$(date -u +'%Y-%m-%d %H:%M UTC')"
+  printf 'git=%s\n' "$git_rev"
+  printf 'cpu=%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
+  printf 'nproc=%s\n' "$(nproc)"
+  printf 'load=%s\n' "CPUs ${BUSY_BEFORE}% busy with other work just before the measurements, ${BUSY_AFTER}% just after"
+  printf 'memory=%s\n' "$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  printf 'kernel=%s\n' "$(uname -sr)"
+  printf 'node=%s\n' "$(node --version)"
+  printf 'qemu=%s\n' "$(qemu-storage-daemon --version | head -n 1)"
+  printf 'fio=%s\n' "$(fio --version)"
+  printf 'fuse_native=%s\n' "$(node -p 'require("./node_modules/fuse-native/package.json").version')"
+  printf 'image_mib=%s\n' "$IMAGE_MIB"
+  printf 'base_bytes=%s\n' "$(stat -c %s "$BASE")"
+  printf 'scatter_writes=%s\n' "$SCATTER_WRITES"
+  printf 'reps=%s\n' "$REPS"
+  printf 'fio_runtime=%s\n' "$FIO_RUNTIME_S"
+  printf 'fio_cache=%s\n' "$FIO_CACHE_NOTE"
+  printf 'unmount_failures=%s\n' "$UNMOUNT_FAILURES"
+  printf 'zero_options=%s\n' "$ZERO_OPTIONS"
+  CMD=(bash bench/write.sh)
+  [[ $IMAGE_MIB == 1024 && $SCATTER_WRITES == 4096 && $REPS == 3 && $FIO_RUNTIME_S == 20 && -z $QCOW2FS_OPTS ]] ||
+    CMD=(BENCH_IMAGE_MIB="$IMAGE_MIB" BENCH_SCATTER_WRITES="$SCATTER_WRITES" BENCH_REPS="$REPS"
+      BENCH_FIO_RUNTIME="$FIO_RUNTIME_S" ${QCOW2FS_OPTS:+BENCH_QCOW2FS_OPTS="'$QCOW2FS_OPTS'"} bash bench/write.sh)
+  printf 'cmd_run=%s\n' "$(command_text)"
+  create_command seq-write IMAGE && printf 'cmd_create_empty=%s\n' "$(command_text)"
+  create_command scatter-plain IMAGE && printf 'cmd_create_plain=%s\n' "$(command_text)"
+  create_command scatter-extl2 IMAGE && printf 'cmd_create_extl2=%s\n' "$(command_text)"
+  qcow2fs_mount_command IMAGE MNT && printf 'cmd_qcow2fs=%s\n' "$(command_text)"
+  qsd_command IMAGE EXPORT && printf 'cmd_qsd=%s\n' "$(command_text)"
+  for case_name in $ALL_CASES; do
+    workload_command "$case_name" RAW OUT.json
+    printf 'cmd_%s=%s\n' "$case_name" "$(command_text)"
+  done
+} >"$META"
+
+report_args=("$SAMPLES" "$META" "$RESULTS_DIR/write-latest.md")
+if [[ $UPDATE_DOC == 1 ]]; then report_args+=("$ROOT/docs/PERFORMANCE.md"); fi
+node - "${report_args[@]}" <<'REPORT'
+// Turns the samples of one bench/write.sh run into markdown: medians per case and target, the
+// qcow2fs / qsd ratio with the goals, the no-I/O ceiling, every sample. Arguments: SAMPLES META
+// OUT [DOC]; with DOC, the text between its bench-write-results markers is replaced.
+const { readFileSync, writeFileSync } = require('node:fs')
+const [samplesPath, metaPath, outPath, docPath] = process.argv.slice(2)
+const BEGIN_MARKER = '<!-- bench-write-results:begin -->'
+const END_MARKER = '<!-- bench-write-results:end -->'
+const fail = (message) => {
+  process.stderr.write(`write report: ${message}\n`)
+  process.exit(1)
+}
+
+const meta = {}
+for (const line of readFileSync(metaPath, 'utf8').split('\n')) {
+  const eq = line.indexOf('=')
+  if (eq > 0) meta[line.slice(0, eq)] = line.slice(eq + 1)
+}
+const lines = readFileSync(samplesPath, 'utf8').trim().split('\n')
+const header = lines.shift().split('\t')
+const rows = lines.map((line) => {
+  const fields = line.split('\t')
+  if (fields.length !== header.length) fail(`bad sample line: ${line}`)
+  const row = Object.fromEntries(header.map((name, i) => [name, fields[i]]))
+  for (const name of header.slice(3)) row[name] = row[name] === '-' ? undefined : Number(row[name])
+  if (!(row.value > 0) || !(row.guest_bytes > 0) || header.slice(3).some((name) => Number.isNaN(row[name]))) fail(`bad sample line: ${line}`)
+  return row
+})
+
+const CASES = [
+  { id: 'seq-write', label: `Sequential write of ${meta.image_mib} MiB, dd bs=1M conv=fsync, empty image`, unit: 'MB/s', cpuUnit: 'CPU s per GiB', goal: ['>=', 1.0] },
+  { id: 'rand-qd1', label: '4 KiB random write, fio psync, iodepth 1, empty image', unit: 'IOPS', cpuUnit: 'CPU µs per write', goal: ['>=', 0.8] },
+  { id: 'rand-qd16', label: '4 KiB random write, fio libaio, iodepth 16, empty image', unit: 'IOPS', cpuUnit: 'CPU µs per write' },
+  { id: 'scatter-plain', label: `${meta.scatter_writes} scattered 4 KiB writes, overlay over a backing file`, unit: 'IOPS', cpuUnit: 'CPU µs per write' },
+  { id: 'scatter-extl2', label: `${meta.scatter_writes} scattered 4 KiB writes, overlay with extended L2`, unit: 'IOPS', cpuUnit: 'CPU µs per write' },
+]
+const KINDS = { qsd: 'qsd FUSE export', qcow2fs: 'qcow2fs', zero: 'no-I/O fuse-native server' }
+const EXTL2_GOAL = 1 / 8
+
+const median = (values) => {
+  const sorted = values.filter((v) => v !== undefined && Number.isFinite(v)).sort((a, b) => a - b)
+  if (sorted.length === 0) return undefined
+  const mid = Math.floor(sorted.length / 2)
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+}
+const of = (caseId, kind) => rows.filter((r) => r.case === caseId && r.kind === kind)
+const medianOf = (caseId, kind, pick) => median(of(caseId, kind).map(pick))
+const perGuest = (field) => (r) => (r[field] === undefined ? undefined : r[field] / r.guest_bytes)
+const fmt = (value, digits = 0) => (value === undefined ? 'n/a' : value.toFixed(digits))
+const fmtValue = (value) => fmt(value, 0)
+const ratioText = (a, b) => (a === undefined || b === undefined || b === 0 ? 'n/a' : `${(a / b).toFixed(2)}x`)
+const code = (text) => '`' + text + '`'
+
+const out = []
+out.push(`Run of ${meta.date}, commit ${meta.git}, command ${code(meta.cmd_run)} (part of ${code('make bench')}).`)
+out.push('')
+out.push(
+  `Machine: ${meta.cpu}, ${meta.nproc} CPUs, ${meta.memory} RAM, ${meta.kernel}; ` +
+    `Node.js ${meta.node}, ${meta.qemu}, ${meta.fio}, fuse-native ${meta.fuse_native}; ` +
+    `${meta.load} (other work on the machine shows here).`,
+)
+out.push('')
+out.push(
+  `Each figure is the median of ${meta.reps} runs, each into an image made for it; time-based fio runs ` +
+    `last ${meta.fio_runtime} s; fio uses ${meta.fio_cache}. After every run the server was stopped and ` +
+    `${code('qemu-img check')} passed; the sequentially written images equal the data ` +
+    `(${code('qemu-img compare')}), and the scatter overlays written by qcow2fs and qsd in the same ` +
+    `repetition have the same guest contents. ${code('qcow2fs unmount')} reported a failure ` +
+    `${meta.unmount_failures} times (the server still unmounted and closed the image).`,
+)
+out.push('')
+out.push('Commands (RAW: the raw file of the target; IMAGE, MNT, EXPORT: per-run paths in the work dir):')
+out.push('')
+out.push(`- empty image: ${code(meta.cmd_create_empty)}`)
+out.push(`- overlay: ${code(meta.cmd_create_plain)} (base.qcow2: the ${meta.image_mib} MiB of data, every cluster allocated)`)
+out.push(`- overlay with extended L2: ${code(meta.cmd_create_extl2)}`)
+out.push(`- qcow2fs: ${code(meta.cmd_qcow2fs)}, stopped with ${code('node dist/cli/main.js unmount MNT')}`)
+out.push(`- qsd: ${code(meta.cmd_qsd)}, stopped with SIGTERM`)
+out.push(`- no-I/O server: ${code(`node bench/zero-fuse.mjs MNT ${Number(meta.image_mib) * 1048576} '${meta.zero_options}'`)}`)
+for (const c of CASES) {
+  out.push(`- ${c.id}: ${code(meta[`cmd_${c.id}`])}` + (c.id === 'seq-write' ? '' : `, then ${code('sync RAW')}`))
+}
+out.push('')
+// The scatter cases are about what the writes cost the host file: their first rows report the
+// host bytes per guest byte (lower is better), the write rate follows.
+const MAIN_ROWS = CASES.flatMap((c) =>
+  c.id.startsWith('scatter-')
+    ? [
+        { c, unit: 'host bytes allocated per guest byte (lower is better)', pick: perGuest('host_alloc_bytes'), digits: 3 },
+        { c, unit: c.unit, pick: (r) => r.value, digits: 0 },
+      ]
+    : [{ c, unit: c.unit, pick: (r) => r.value, digits: 0, goal: c.goal }],
+)
+out.push('| Case | Figure | qsd FUSE export | qcow2fs | qcow2fs / qsd | Goal | no-I/O FUSE ceiling |')
+out.push('|---|---|---:|---:|---:|---|---:|')
+for (const row of MAIN_ROWS) {
+  const { c } = row
+  const qsd = medianOf(c.id, 'qsd', row.pick)
+  const ours = medianOf(c.id, 'qcow2fs', row.pick)
+  const zero = medianOf(c.id, 'zero', row.pick)
+  let goalText = ''
+  if (row.goal) {
+    const ratio = qsd && ours ? ours / qsd : undefined
+    goalText = `${row.goal[0]} ${row.goal[1].toFixed(1)}x` + (ratio === undefined ? '' : `: ${ratio >= row.goal[1] ? 'met' : '**missed**'}`)
+  }
+  out.push(
+    `| ${c.id}: ${c.label} | ${row.unit} | ${fmt(qsd, row.digits)} | ${fmt(ours, row.digits)} | ${ratioText(ours, qsd)} | ` +
+      `${goalText} | ${zero === undefined ? '' : fmt(zero, row.digits)} |`,
+  )
+}
+out.push('')
+out.push(
+  'Host bytes per guest byte written, scatter cases: the growth of the overlay file\'s allocated size ' +
+    '(`stat -c %b` x 512, after the server closed it and `sync`) divided by the guest bytes fio wrote. ' +
+    'This counts every block the writes made the host file system allocate (data copied on write from ' +
+    'the backing file, new metadata clusters), not blocks rewritten in place. Next to it, the page ' +
+    'cache bytes the server process dirtied during the writes and the `sync` (`write_bytes` of ' +
+    '/proc/PID/io), which also counts rewritten metadata, but each page once until it is written back. ' +
+    'Lower is better.',
+)
+out.push('')
+out.push('| Case | Figure | qsd FUSE export | qcow2fs | qcow2fs / qsd |')
+out.push('|---|---|---:|---:|---:|')
+for (const caseId of ['scatter-plain', 'scatter-extl2']) {
+  for (const [figure, field] of [['host bytes allocated per guest byte', 'host_alloc_bytes'], ['page cache bytes dirtied per guest byte', 'host_write_bytes']]) {
+    const qsd = medianOf(caseId, 'qsd', perGuest(field))
+    const ours = medianOf(caseId, 'qcow2fs', perGuest(field))
+    if (qsd === undefined && ours === undefined) continue
+    out.push(`| ${caseId} | ${figure} | ${fmt(qsd, 3)} | ${fmt(ours, 3)} | ${ratioText(ours, qsd)} |`)
+  }
+}
+out.push('')
+out.push('| Extended L2: host bytes allocated with it / without it | qsd FUSE export | qcow2fs | Goal (qcow2fs) |')
+out.push('|---|---:|---:|---|')
+{
+  const cost = (kind, caseId) => medianOf(caseId, kind, perGuest('host_alloc_bytes'))
+  const share = (kind) => {
+    const plain = cost(kind, 'scatter-plain')
+    const ext = cost(kind, 'scatter-extl2')
+    return plain && ext !== undefined ? ext / plain : undefined
+  }
+  const ours = share('qcow2fs')
+  const goalText = `<= 1/8 (${EXTL2_GOAL.toFixed(3)})` + (ours === undefined ? '' : `: ${ours <= EXTL2_GOAL ? 'met' : '**missed**'}`)
+  out.push(`| ${meta.scatter_writes} scattered 4 KiB writes | ${fmt(share('qsd'), 3)} | ${fmt(ours, 3)} | ${goalText} |`)
+}
+out.push('')
+out.push(
+  'CPU time the server process used (user + system, all its threads) for the same runs, median: ' +
+    'seconds per GiB written sequentially, microseconds per 4 KiB write; and the time of the ' +
+    '`sync RAW` after each fio run (fio itself does not fsync). Lower is better.',
+)
+out.push('')
+out.push('| Case | qsd CPU | qcow2fs CPU | qcow2fs / qsd | no-I/O server CPU | qsd sync after (ms) | qcow2fs sync after (ms) |')
+out.push('|---|---:|---:|---:|---:|---:|---:|')
+for (const c of CASES) {
+  const digits = c.unit === 'MB/s' ? 2 : 1
+  const qsd = medianOf(c.id, 'qsd', (r) => r.cpu)
+  const ours = medianOf(c.id, 'qcow2fs', (r) => r.cpu)
+  const zero = medianOf(c.id, 'zero', (r) => r.cpu)
+  out.push(
+    `| ${c.id} (${c.cpuUnit}) | ${fmt(qsd, digits)} | ${fmt(ours, digits)} | ${ratioText(ours, qsd)} | ${zero === undefined ? '' : fmt(zero, digits)} | ` +
+      `${fmt(medianOf(c.id, 'qsd', (r) => r.flush_ms))} | ${fmt(medianOf(c.id, 'qcow2fs', (r) => r.flush_ms))} |`,
+  )
+}
+out.push('')
+out.push('All samples, in run order (host: bytes allocated per guest byte):')
+out.push('')
+out.push('| Case | Target | Samples | Median | CPU per sample | host per sample |')
+out.push('|---|---|---|---:|---|---|')
+for (const c of CASES) {
+  for (const kind of Object.keys(KINDS)) {
+    const list = of(c.id, kind)
+    if (list.length === 0) continue
+    out.push(
+      `| ${c.id} (${c.unit}) | ${KINDS[kind]} | ${list.map((r) => fmtValue(r.value)).join(', ')} | ` +
+        `${fmtValue(median(list.map((r) => r.value)))} | ${list.map((r) => fmt(r.cpu, c.unit === 'MB/s' ? 2 : 1)).join(', ')} | ` +
+        // The time-based cases overwrite freely: their host bytes per guest byte mean nothing.
+        `${c.id.startsWith('rand-') ? '' : list.map((r) => fmt(perGuest('host_alloc_bytes')(r), 3)).join(', ')} |`,
+    )
+  }
+  // Both targets ran back to back in each repetition: the per-repetition ratio shows how much
+  // of a difference is noise of the machine.
+  const ours = of(c.id, 'qcow2fs')
+  const qsd = of(c.id, 'qsd')
+  if (ours.length > 0 && ours.length === qsd.length) {
+    const ratios = ours.map((r, i) => r.value / qsd[i].value)
+    out.push(`| ${c.id} | qcow2fs / qsd, same repetition | ${ratios.map((r) => r.toFixed(2) + 'x').join(', ')} | ${median(ratios).toFixed(2)}x | | |`)
+  }
+}
+const report = out.join('\n') + '\n'
+
+writeFileSync(outPath, `# qcow2fs write benchmark: latest run\n\n${report}`)
+process.stdout.write(`\n${report}\n`)
+if (docPath) {
+  const doc = readFileSync(docPath, 'utf8')
+  const begin = doc.indexOf(BEGIN_MARKER)
+  const end = doc.indexOf(END_MARKER)
+  if (begin < 0 || end < begin) fail(`${docPath} lacks the ${BEGIN_MARKER} ... ${END_MARKER} markers`)
+  writeFileSync(docPath, doc.slice(0, begin + BEGIN_MARKER.length) + '\n' + report + doc.slice(end))
+}
+REPORT
+cp "$SAMPLES" "$RESULTS_DIR/write-latest-samples.tsv"
+log "results: bench/results/write-latest.md$([[ $UPDATE_DOC == 1 ]] && echo ', docs/PERFORMANCE.md')"
