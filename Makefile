@@ -4,6 +4,7 @@
 #   make demo      mounts the demo image and shows what fdisk, file and debugfs read from it
 #   make bench     qcow2fs against qemu-storage-daemon's FUSE export: reads (bench/run.sh), writes (bench/write.sh)
 #   make fixtures  recreates the committed test images (needs qemu-img, qemu-io)
+#   make fuzz      the fuzz test on many more mutated images (FUZZ_ITERATIONS, default 50000)
 #   make clean     removes build output and scratch files
 
 SHELL := /bin/bash
@@ -19,7 +20,7 @@ CLI := dist/cli/main.js
 TEST_TOOLS := qemu-img qemu-io qemu-storage-daemon fio fusermount
 TEST_PACKAGES := qemu-utils qemu-system-common fio fuse
 
-.PHONY: build test demo bench fixtures clean system-deps
+.PHONY: build test demo bench fixtures fuzz clean system-deps
 
 # npm ci installs exactly the lock. Where the registry lacks some optional platform packages
 # (rollup's), npm ci finds the lock "out of sync" although npm itself wrote it; then install
@@ -58,6 +59,12 @@ demo: build
 bench: build
 	bash bench/run.sh
 	bash bench/write.sh
+
+# The fuzz test of make test (2,000 mutated images), longer: FUZZ_ITERATIONS images from
+# FUZZ_SEED_START (default 1).
+FUZZ_ITERATIONS ?= 50000
+fuzz: build
+	FUZZ_ITERATIONS=$(FUZZ_ITERATIONS) $(NPX) vitest run test/fuzz
 
 fixtures:
 	bash fixtures/make-fixtures.sh

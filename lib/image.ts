@@ -47,10 +47,11 @@ import {
   parseHeaderExtensions,
 } from './format/header.js'
 import { alignUp, hex } from './format/int64.js'
-import { type SnapshotEntry, parseSnapshotTable } from './format/snapshot.js'
+import { type SnapshotEntry, parseSnapshotTableWithSize } from './format/snapshot.js'
 import { type BlockFile, NodeBlockFile } from './io/block-file.js'
 import { log } from './log.js'
 import { L1Table } from './meta/l1-table.js'
+import { type MetadataLayout, MetadataOverlapGuard } from './meta/overlap-guard.js'
 import { DEFAULT_L2_CACHE_BYTES, L2SliceCache } from './meta/l2-cache.js'
 import {
   type ChainContext,
@@ -90,6 +91,8 @@ interface ImageParts {
   backingFormat: 'qcow2' | 'raw' | undefined
   backing: ReadSource | undefined
   snapshots: SnapshotEntry[]
+  /** Length in bytes of the snapshot table (0 without snapshots). */
+  snapshotTableBytes: number
   snapshot: SnapshotEntry | undefined
   l1: L1Table
   l2Cache: L2SliceCache
@@ -183,6 +186,9 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
         backingSize: () => backing?.virtualSize ?? 0,
       })
       this.#writer = { meta, writePath, prepared: false, setDirtyBit: false }
+      if (init.file instanceof MetadataOverlapGuard) {
+        init.file.attach(() => metadataLayout(h, init.l1, refcounts, meta.wanted, init.snapshots, init.snapshotTableBytes, init.geometry.clusterSize))
+      }
     }
   }
 
@@ -527,7 +533,8 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
   if (header.refcountTableClusters === 0) throw corrupt(imagePath, 'image has no refcount table')
   checkTable(imagePath, 'refcount table', header.refcountTableOffset, refcountTableBytes, clusterSize, file.size)
   if (header.snapshotCount > MAX_SNAPSHOTS) throw corrupt(imagePath, `too many snapshots (${header.snapshotCount})`)
-  const snapshots = header.snapshotCount > 0 ? readSnapshots(imagePath, file, header, clusterSize) : []
+  const { entries: snapshots, tableBytes: snapshotTableBytes } =
+    header.snapshotCount > 0 ? readSnapshots(imagePath, file, header, clusterSize) : { entries: [], tableBytes: 0 }
 
   // Which L1 table and size to present.
   let l1TableOffset = header.l1TableOffset
@@ -580,9 +587,13 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
     log.backing('%s: backing file %s (%s)', imagePath, backingPath, backingFormat)
   }
 
-  const l2Cache = new L2SliceCache(file, geometry, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES)
   const readOnly = options.readOnly !== false
-  if (!readOnly) checkWritable(imagePath, header, options)
+  if (!readOnly) {
+    checkWritable(imagePath, header, options)
+    // Every write of a read-write open goes through the metadata overlap check.
+    file = new MetadataOverlapGuard(file, clusterSize)
+  }
+  const l2Cache = new L2SliceCache(file, geometry, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES)
   const l1 = new L1Table(l1Table, l1Size, l1TableOffset, clusterSize)
   const mapper = new ClusterMapper(geometry, l1, l2Cache, { externalDataFile })
   const readPathOptions: ConstructorParameters<typeof ReadPath>[0] = {
@@ -607,6 +618,7 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
     backingFormat,
     backing,
     snapshots,
+    snapshotTableBytes,
     snapshot,
     l1,
     l2Cache,
@@ -633,8 +645,37 @@ function checkWritable(imagePath: string, header: Qcow2Header, options: OpenOpti
   }
 }
 
+/** Where the metadata of an image open read-write lives now, for the overlap check. */
+function metadataLayout(
+  header: Qcow2Header,
+  l1: L1Table,
+  refcounts: Refcounts,
+  wanted: MutableHeader,
+  snapshots: readonly SnapshotEntry[],
+  snapshotTableBytes: number,
+  clusterSize: number,
+): MetadataLayout {
+  return {
+    version: `${l1.layoutVersion}/${refcounts.layoutVersion}/${wanted.l1TableOffset}/${wanted.refcountTableOffset}`,
+    *ranges() {
+      yield { kind: 'header', hostOffset: 0, bytes: clusterSize }
+      yield { kind: 'l1', hostOffset: l1.offset, bytes: l1.size * 8 }
+      // The header still names the old tables until a moved table's header switch.
+      if (wanted.l1TableOffset !== l1.offset) yield { kind: 'l1', hostOffset: wanted.l1TableOffset, bytes: wanted.l1Size * 8 }
+      yield { kind: 'reftable', hostOffset: refcounts.tableOffset, bytes: refcounts.tableClusters * clusterSize }
+      if (wanted.refcountTableOffset !== refcounts.tableOffset) {
+        yield { kind: 'reftable', hostOffset: wanted.refcountTableOffset, bytes: wanted.refcountTableClusters * clusterSize }
+      }
+      for (const l2Offset of l1.l2Offsets()) yield { kind: 'l2', hostOffset: l2Offset, bytes: clusterSize }
+      for (const blockOffset of refcounts.blockOffsets()) yield { kind: 'refblock', hostOffset: blockOffset, bytes: clusterSize }
+      if (snapshotTableBytes > 0) yield { kind: 'snapshot-table', hostOffset: header.snapshotsOffset, bytes: snapshotTableBytes }
+      for (const snapshot of snapshots) yield { kind: 'snapshot-l1', hostOffset: snapshot.l1TableOffset, bytes: snapshot.l1Size * 8 }
+    },
+  }
+}
+
 /** Reads the snapshot table, growing the read until every entry fits (bounded by QEMU's limit). */
-function readSnapshots(imagePath: string, file: BlockFile, header: Qcow2Header, clusterSize: number): SnapshotEntry[] {
+function readSnapshots(imagePath: string, file: BlockFile, header: Qcow2Header, clusterSize: number): { entries: SnapshotEntry[]; tableBytes: number } {
   if (header.snapshotsOffset % clusterSize !== 0) {
     throw corrupt(imagePath, `snapshot table offset ${hex(header.snapshotsOffset)} is not cluster aligned`)
   }
@@ -647,7 +688,7 @@ function readSnapshots(imagePath: string, file: BlockFile, header: Qcow2Header, 
     const table = new Uint8Array(bytes)
     file.pread(table, header.snapshotsOffset)
     try {
-      return parseSnapshotTable(table, header.snapshotCount)
+      return parseSnapshotTableWithSize(table, header.snapshotCount)
     } catch (err) {
       if (bytes >= available) {
         throw corrupt(imagePath, (err as Error).message)

@@ -46,6 +46,9 @@ export class RawSource implements ReadSource {
 
 /** Where a backing name points, relative names taken from the naming image's directory. */
 export function resolveBackingPath(imagePath: string, backingName: string): string {
+  if (backingName.includes('\0')) {
+    throw new CorruptImageError(`the backing file name of '${imagePath}' contains a NUL byte`)
+  }
   if (/^[a-z][a-z0-9+.-]*:/i.test(backingName) && !backingName.startsWith('file:')) {
     throw new UnsupportedFeatureError(`backing file '${backingName}' uses a protocol qcow2fs does not support`)
   }

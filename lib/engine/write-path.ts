@@ -391,6 +391,9 @@ export class WritePath {
 
   #checkMetadataCluster(offset: number, what: string): void {
     if (offset % this.#g.clusterSize !== 0) throw new CorruptImageError(`${what} offset ${hex(offset)} is not cluster aligned`)
+    if (!Number.isSafeInteger(offset) || offset + this.#g.clusterSize > this.#file.size) {
+      throw new CorruptImageError(`${what} at ${hex(offset)} lies past the end of the image file`)
+    }
   }
 
   // ---- resize ----

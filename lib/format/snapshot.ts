@@ -35,6 +35,11 @@ const textDecoder = new TextDecoder()
  * as the table). Throws CorruptImageError if an entry runs past the buffer.
  */
 export function parseSnapshotTable(table: Uint8Array, count: number): SnapshotEntry[] {
+  return parseSnapshotTableWithSize(table, count).entries
+}
+
+/** parseSnapshotTable, plus the table's length in bytes (its entries, each padded to 8). */
+export function parseSnapshotTableWithSize(table: Uint8Array, count: number): { entries: SnapshotEntry[]; tableBytes: number } {
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength)
   const entries: SnapshotEntry[] = []
   let at = 0
@@ -88,5 +93,5 @@ export function parseSnapshotTable(table: Uint8Array, count: number): SnapshotEn
     if (icount !== undefined) entry.icount = icount
     entries.push(entry)
   }
-  return entries
+  return { entries, tableBytes: at }
 }

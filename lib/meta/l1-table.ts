@@ -23,6 +23,7 @@ export class L1Table {
   #clusterSize: number
   #dirty = new Set<number>()
   #moved = false
+  #layoutVersion = 0
 
   constructor(bytes: Uint8Array, size: number, offset: number, clusterSize: number) {
     this.#bytes = bytes
@@ -39,6 +40,19 @@ export class L1Table {
   /** Host offset of the table (l1_table_offset). */
   get offset(): number {
     return this.#offset
+  }
+  /** Changes whenever an entry or the table's place changes (see lib/meta/overlap-guard.ts). */
+  get layoutVersion(): number {
+    return this.#layoutVersion
+  }
+
+  /** The cluster-aligned L2 table offsets the entries point to (misaligned ones left out). */
+  *l2Offsets(): Generator<number> {
+    for (let i = 0; i < this.#size; i++) {
+      const at = i * TABLE_ENTRY_SIZE
+      const l2Offset = l1EntryL2Offset(this.#view.getUint32(at), this.#view.getUint32(at + 4))
+      if (l2Offset !== 0 && l2Offset % this.#clusterSize === 0) yield l2Offset
+    }
   }
 
   /** L2 table offset of entry l1Index (0: unallocated, also past the end). Throws if misaligned. */
@@ -64,6 +78,7 @@ export class L1Table {
     this.#view.setUint32(at, hi)
     this.#view.setUint32(at + 4, lo)
     this.#dirty.add(l1Index)
+    this.#layoutVersion++
   }
 
   /** Replaces the table by a larger one at newOffset (already allocated); entries are kept. */
@@ -76,6 +91,7 @@ export class L1Table {
     this.#offset = newOffset
     this.#moved = true
     this.#dirty.clear()
+    this.#layoutVersion++
   }
 
   hasDirty(): boolean {

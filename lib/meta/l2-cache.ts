@@ -65,6 +65,10 @@ export class L2SliceCache {
     let slice = this.#dirty.get(sliceOffset) ?? this.#cache.get(sliceOffset)
     if (slice === undefined) {
       this.#misses++
+      // Checked before reading: a crafted offset may lie beyond what a file position can be.
+      if (!Number.isSafeInteger(sliceOffset) || sliceOffset + this.sliceBytes > this.#file.size) {
+        throw new CorruptImageError(`L2 table at ${hex(l2Offset)} lies past the end of the image file`)
+      }
       const bytes = new Uint8Array(this.sliceBytes)
       const n = this.#file.pread(bytes, sliceOffset)
       if (n !== bytes.length) {

@@ -51,6 +51,7 @@ export class Refcounts {
   #deferred: number[] = []
   #freeHint = 0
   #allocationEnd: number
+  #layoutVersion = 0
 
   constructor(file: BlockFile, geometry: Geometry, layout: RefcountLayout) {
     this.#file = file
@@ -74,6 +75,19 @@ export class Refcounts {
   get tableClusters(): number {
     return this.#tableClusters
   }
+  /** Changes whenever a refcount block is added or the table moves (lib/meta/overlap-guard.ts). */
+  get layoutVersion(): number {
+    return this.#layoutVersion
+  }
+
+  /** The cluster-aligned refcount block offsets the table points to. */
+  *blockOffsets(): Generator<number> {
+    for (let i = 0; i < this.#tableEntries(); i++) {
+      const blockOffset = this.#blockOffsetAt(i)
+      if (blockOffset !== 0 && blockOffset % this.#g.clusterSize === 0) yield blockOffset
+    }
+  }
+
   /** First cluster index past everything known to be in use. */
   get allocationEnd(): number {
     return this.#allocationEnd
@@ -196,6 +210,7 @@ export class Refcounts {
     this.#dirtyBlocks.add(blockOffset)
     writeU64(this.#tableView, tableIndex * TABLE_ENTRY_SIZE, blockOffset)
     this.#dirtyTableIndexes.add(tableIndex)
+    this.#layoutVersion++
     // The block's own refcount: in itself when it covers itself, else wherever it belongs.
     this.set(cluster, 1)
     return blockOffset
@@ -228,6 +243,7 @@ export class Refcounts {
     this.#tableOffset = start * cs
     this.#tableClusters = newClusters
     this.#tableMoved = true
+    this.#layoutVersion++
     this.#allocationEnd = Math.max(this.#allocationEnd, start + newClusters)
     for (let i = 0; i < newClusters; i++) this.set(start + i, 1)
     const oldFirst = oldOffset / cs
