@@ -43,6 +43,7 @@ export class NodeBlockFile implements BlockFile {
   readonly writable: boolean
   #fd: number
   #size: number
+  #syncFailure: unknown
 
   private constructor(path: string, fd: number, size: number, writable: boolean) {
     this.path = path
@@ -94,7 +95,23 @@ export class NodeBlockFile implements BlockFile {
   }
 
   sync(): void {
-    fs.fdatasyncSync(this.#fd)
+    if (this.#syncFailure) throw this.#syncFailure
+    try {
+      fs.fdatasyncSync(this.#fd)
+    } catch (err) {
+      this.recordSyncFailure(err)
+    }
+  }
+
+  /**
+   * Remembers a failed fdatasync and throws it; every later sync() throws it again. After a
+   * writeback error the kernel may have dropped the dirty pages it could not write, and a later
+   * fdatasync can succeed without them: only a sticky failure keeps fsync from ever reporting
+   * lost data as durable. Reopening the image is the way out.
+   */
+  recordSyncFailure(err: unknown): never {
+    this.#syncFailure = err
+    throw err
   }
 
   truncate(size: number): void {
