@@ -5,6 +5,7 @@
 #   make bench     qcow2fs against qemu-storage-daemon's FUSE export: reads (bench/run.sh), writes (bench/write.sh)
 #   make fixtures  recreates the committed test images (needs qemu-img, qemu-io)
 #   make fuzz      the fuzz test on many more mutated images (FUZZ_ITERATIONS, default 50000)
+#   make soak      the soak test for SOAK_SECONDS (default 600)
 #   make clean     removes build output and scratch files
 
 SHELL := /bin/bash
@@ -20,7 +21,7 @@ CLI := dist/cli/main.js
 TEST_TOOLS := qemu-img qemu-io qemu-storage-daemon fio fusermount
 TEST_PACKAGES := qemu-utils qemu-system-common fio fuse
 
-.PHONY: build test demo bench fixtures fuzz clean system-deps
+.PHONY: build test demo bench fixtures fuzz soak clean system-deps
 
 # npm ci installs exactly the lock. Where the registry lacks some optional platform packages
 # (rollup's), npm ci finds the lock "out of sync" although npm itself wrote it; then install
@@ -65,6 +66,11 @@ bench: build
 FUZZ_ITERATIONS ?= 50000
 fuzz: build
 	FUZZ_ITERATIONS=$(FUZZ_ITERATIONS) $(NPX) vitest run test/fuzz
+
+# The soak test of make test (20 s), for SOAK_SECONDS (default 10 minutes).
+SOAK_SECONDS ?= 600
+soak: build
+	SOAK_SECONDS=$(SOAK_SECONDS) $(NPX) vitest run test/soak
 
 fixtures:
 	bash fixtures/make-fixtures.sh
