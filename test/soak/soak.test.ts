@@ -98,6 +98,8 @@ describe.skipIf(!qemu || !fio)('soak', () => {
         '--verify=crc32c',
         '--verify_backlog=128',
         '--verify_fatal=1',
+        // No verify state files in the working directory.
+        '--verify_state_save=0',
         '--time_based',
         `--runtime=${SOAK_SECONDS}`,
         '--group_reporting',
