@@ -1,5 +1,6 @@
 # qcow2fs: build, test, demo, bench, fixtures. GNU make.
-#   make build     npm ci when node_modules is missing or older than package-lock.json, then tsc
+#   make build     npm ci when node_modules is missing or older than package-lock.json, the
+#                  image-locking addon (node-gyp), then tsc
 #   make test      installs what a fresh machine lacks, builds, runs every test (vitest)
 #   make demo      mounts the demo image and shows what fdisk, file and debugfs read from it
 #   make bench     qcow2fs against qemu-storage-daemon's FUSE export: reads (bench/run.sh), writes (bench/write.sh)
@@ -30,7 +31,17 @@ $(NODE_MODULES_STAMP): package-lock.json
 	$(NPM) ci || { echo "npm ci failed; installing the lock with npm install --no-save"; $(NPM) install --no-save; }
 	@touch $@
 
-build: $(NODE_MODULES_STAMP)
+# The image-locking addon (lib/io/native/, binding.gyp): node-gyp (the one npm ships) builds it
+# against the headers of the Node that runs it. Where that Node's prefix has include/node (a
+# distribution's Node does), they are used from there, so nothing is downloaded.
+ADDON := build/Release/ofd_lock.node
+NODE_PREFIX := $(shell node -p 'require("path").resolve(process.execPath, "../..")')
+NODE_GYP_FLAGS := $(if $(wildcard $(NODE_PREFIX)/include/node/node_api.h),--nodedir=$(NODE_PREFIX))
+
+$(ADDON): binding.gyp lib/io/native/ofd_lock.c
+	$(NPM) run build:native -- $(NODE_GYP_FLAGS)
+
+build: $(NODE_MODULES_STAMP) $(ADDON)
 	$(NPX) tsc -p tsconfig.json
 	chmod +x $(CLI)
 
@@ -76,4 +87,4 @@ fixtures:
 	bash fixtures/make-fixtures.sh
 
 clean:
-	rm -rf dist .tmp
+	rm -rf dist .tmp build

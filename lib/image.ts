@@ -48,7 +48,7 @@ import {
 } from './format/header.js'
 import { alignUp, hex } from './format/int64.js'
 import { type SnapshotEntry, parseSnapshotTableWithSize } from './format/snapshot.js'
-import { type BlockFile, NodeBlockFile } from './io/block-file.js'
+import { type BlockFile, type LockMode, NodeBlockFile } from './io/block-file.js'
 import { log } from './log.js'
 import { L1Table } from './meta/l1-table.js'
 import { type MetadataLayout, MetadataOverlapGuard } from './meta/overlap-guard.js'
@@ -76,6 +76,12 @@ export interface OpenOptions {
   snapshot?: string
   /** Bound of the L2 table cache in bytes (the `cache-size` mount option). */
   l2CacheBytes?: number
+  /**
+   * Take QEMU's image locks (the default): the image, its backing files and data file are
+   * locked as QEMU locks them (lib/io/image-lock.ts) and an image in use is refused with
+   * BusyError. false: no lock and no check, like QEMU's locking=off.
+   */
+  lock?: boolean
 }
 
 /** Everything openOnFile validated and opened, handed to the constructor. */
@@ -200,7 +206,7 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   static openSync(imagePath: string, options: OpenOptions = {}, chain?: ChainContext): Qcow2Image {
     const readOnly = options.readOnly !== false
     const context = enterChain(chain, imagePath, MAX_BACKING_CHAIN_DEPTH)
-    const file = NodeBlockFile.open(imagePath, { readOnly })
+    const file = NodeBlockFile.open(imagePath, { readOnly, lock: lockMode(options, readOnly) })
     return Qcow2Image.openFile(file, imagePath, options, context)
   }
 
@@ -475,6 +481,12 @@ function clearBit(bits: FeatureBits, bit: number): FeatureBits {
   return bit < 32 ? { hi: bits.hi, lo: (bits.lo & ~(1 << bit)) >>> 0 } : { hi: (bits.hi & ~(1 << (bit - 32))) >>> 0, lo: bits.lo }
 }
 
+/** The lock a file of an image takes: backing and data files are only read. */
+function lockMode(options: OpenOptions, readOnly: boolean): LockMode {
+  if (options.lock === false) return 'none'
+  return readOnly ? 'read' : 'write'
+}
+
 function corrupt(imagePath: string, message: string): CorruptImageError {
   return new CorruptImageError(`'${imagePath}': ${message}`)
 }
@@ -560,7 +572,7 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
     if (extensions.dataFile === undefined) throw corrupt(imagePath, 'image needs an external data file but names none')
     const dataPath = resolveBackingPath(imagePath, extensions.dataFile)
     try {
-      dataFile = NodeBlockFile.open(dataPath, { readOnly: true })
+      dataFile = NodeBlockFile.open(dataPath, { readOnly: true, lock: lockMode(options, true) })
     } catch (err) {
       if (err instanceof NotFoundError) throw new NotFoundError(`'${imagePath}': data file '${extensions.dataFile}' not found (looked for '${dataPath}')`)
       throw err
@@ -572,7 +584,7 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
   let backing: ReadSource | undefined
   let backingFormat: 'qcow2' | 'raw' | undefined
   if (backingFileName !== undefined) {
-    const backingFile = openBackingFile(imagePath, backingFileName)
+    const backingFile = openBackingFile(imagePath, backingFileName, lockMode(options, true))
     const backingPath = resolveBackingPath(imagePath, backingFileName)
     backingFormat = extensions.backingFormat !== undefined ? checkBackingFormat(extensions.backingFormat, backingFileName) : probeFormat(backingFile)
     if (backingFormat === 'raw') {
@@ -580,7 +592,7 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
       opened.push(backing)
     } else {
       backingFile.close()
-      const image = Qcow2Image.openSync(backingPath, { readOnly: true }, context)
+      const image = Qcow2Image.openSync(backingPath, { readOnly: true, lock: options.lock }, context)
       backing = { virtualSize: image.virtualSize, readSync: (b, o) => image.readSync(b, o), close: () => image.closeSync() }
       opened.push(backing)
     }

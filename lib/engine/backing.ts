@@ -9,12 +9,12 @@
  *  - A chain deeper than MAX_BACKING_CHAIN_DEPTH, or one that names a file already in the
  *    chain, is refused at open.
  *  - Past the end of a backing file (raw: its length; qcow2: its virtual size) reads are zeros.
- *  - Backing files are always opened read-only.
+ *  - Backing files are always opened read-only, with a read lock (shared with other readers).
  */
 import * as path from 'node:path'
 import { CorruptImageError, NotFoundError, UnsupportedFeatureError } from '../errors.js'
 import { QCOW_MAGIC } from '../format/constants.js'
-import { type BlockFile, NodeBlockFile, realPathOf } from '../io/block-file.js'
+import { type BlockFile, type LockMode, NodeBlockFile, realPathOf } from '../io/block-file.js'
 
 /** Something guest bytes can be read from synchronously: a raw file or an opened qcow2 image. */
 export interface ReadSource {
@@ -56,11 +56,14 @@ export function resolveBackingPath(imagePath: string, backingName: string): stri
   return path.isAbsolute(name) ? name : path.resolve(path.dirname(imagePath), name)
 }
 
-/** Opens a backing file for reading, checking it exists first (for a clear message). */
-export function openBackingFile(imagePath: string, backingName: string): BlockFile {
+/**
+ * Opens a backing file for reading, checking it exists first (for a clear message), with the
+ * read lock every user of a backing file shares ('none': no lock).
+ */
+export function openBackingFile(imagePath: string, backingName: string, lock: LockMode = 'read'): BlockFile {
   const backingPath = resolveBackingPath(imagePath, backingName)
   try {
-    return NodeBlockFile.open(backingPath, { readOnly: true })
+    return NodeBlockFile.open(backingPath, { readOnly: true, lock })
   } catch (err) {
     if (err instanceof NotFoundError) {
       throw new NotFoundError(`backing file '${backingName}' of '${imagePath}' not found (looked for '${backingPath}')`)

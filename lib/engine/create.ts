@@ -323,10 +323,12 @@ export interface BackingInfo {
  * Opens the backing file named `backingName` (relative to the new image's directory) read-only:
  * probes its format when `format` is undefined and reads its virtual size (a qcow2 backing
  * file is opened with its own chain, so a broken chain is refused now, not at first use).
+ * Without image locks, as qemu-img create opens it (force-share): creating an overlay of a
+ * backing file in use, even written, is allowed; the overlay's own users lock it later.
  */
 export async function inspectBacking(imagePath: string, backingName: string, format: BackingFormat | undefined): Promise<BackingInfo> {
   const backingPath = resolveBackingPath(imagePath, backingName)
-  const file = openBackingFile(imagePath, backingName)
+  const file = openBackingFile(imagePath, backingName, 'none')
   let found: BackingFormat
   let rawSize: number
   try {
@@ -336,7 +338,7 @@ export async function inspectBacking(imagePath: string, backingName: string, for
     file.close()
   }
   if (found === 'raw') return { path: backingPath, format: found, virtualSize: rawSize }
-  const image = await Qcow2Image.open(backingPath, { readOnly: true })
+  const image = await Qcow2Image.open(backingPath, { readOnly: true, lock: false })
   try {
     return { path: backingPath, format: found, virtualSize: image.virtualSize }
   } finally {

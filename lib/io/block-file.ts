@@ -1,11 +1,15 @@
 /*
- * BlockFile: positioned I/O on a host file. This is the only module of the engine that touches
- * node:fs. Calls are synchronous on purpose: measured on our target machine, synchronous
- * reads through the FUSE binding beat the thread-pool round trip of async fs calls for
- * sequential I/O, and the engine's read path is CPU-light between I/Os.
+ * BlockFile: positioned I/O on a host file. With image-lock.ts (QEMU's image locks, taken when
+ * a file is opened) this is the only code of the engine that touches node:fs. Calls are
+ * synchronous on purpose: measured on our target machine, synchronous reads through the FUSE
+ * binding beat the thread-pool round trip of async fs calls for sequential I/O, and the
+ * engine's read path is CPU-light between I/Os.
  */
 import * as fs from 'node:fs'
 import { NotFoundError } from '../errors.js'
+import { type LockMode, lockImageFile } from './image-lock.js'
+
+export type { LockMode } from './image-lock.js'
 
 /**
  * What a write is for. Recording and fault-injecting file layers in the tests use it to check
@@ -36,6 +40,11 @@ export interface BlockFile {
 
 export interface OpenFileOptions {
   readOnly: boolean
+  /**
+   * QEMU's image lock taken with the file (lib/io/image-lock.ts), released by close: 'write'
+   * for an image written, 'read' for one only read. Default: 'write' unless readOnly.
+   */
+  lock?: LockMode
 }
 
 export class NodeBlockFile implements BlockFile {
@@ -52,7 +61,10 @@ export class NodeBlockFile implements BlockFile {
     this.writable = writable
   }
 
-  /** Opens path; a missing file becomes NotFoundError naming it. Never creates or truncates. */
+  /**
+   * Opens path and takes its lock; a missing file becomes NotFoundError naming it, a file in
+   * use BusyError. Never creates or truncates; a failed open leaves no descriptor or lock.
+   */
   static open(path: string, options: OpenFileOptions): NodeBlockFile {
     let fd: number
     try {
@@ -65,8 +77,10 @@ export class NodeBlockFile implements BlockFile {
     try {
       const stat = fs.fstatSync(fd)
       if (stat.isDirectory()) throw new NotFoundError(`'${path}' is a directory, not an image file`)
+      lockImageFile(fd, path, options.lock ?? (options.readOnly ? 'read' : 'write'))
       return new NodeBlockFile(path, fd, stat.size, !options.readOnly)
     } catch (err) {
+      // Closing the descriptor also drops any lock byte taken before the failure.
       fs.closeSync(fd)
       throw err
     }

@@ -470,7 +470,7 @@ const isAll = (buf: Uint8Array, byte: number): boolean => buf.every((x) => x ===
 
 /** qemu-img check: no errors, no corruptions, no leaks. */
 async function expectCleanCheck(label: string, image: string): Promise<void> {
-  const { stdout, stderr } = await qemuImgStatus(['check', '--output=json', image])
+  const { stdout, stderr } = await qemuImgStatus(['check', '-U', '--output=json', image])
   const start = stdout.indexOf('{')
   expect(start, `${label}: qemu-img check printed no report: ${stderr}`).toBeGreaterThanOrEqual(0)
   const report = JSON.parse(stdout.slice(start)) as Record<string, unknown>
@@ -490,16 +490,17 @@ interface MapExtent {
 
 /**
  * qemu-img compare and check, then qemu-img map piece by piece (cut at subcluster boundaries)
- * against what the bitmaps on disk say and what the model holds.
+ * against what the bitmaps on disk say and what the model holds. With -U (force-share): our
+ * engine keeps the image open read-write, and holds QEMU's write lock on it meanwhile.
  */
 async function verifyAgainstModel(label: string, image: string, model: Buffer, backing: boolean): Promise<void> {
   const raw = path.join(dir, 'model.raw')
   fs.writeFileSync(raw, model)
-  const cmp = await qemuImgStatus(['compare', '-f', 'raw', '-F', 'qcow2', raw, image])
+  const cmp = await qemuImgStatus(['compare', '-U', '-f', 'raw', '-F', 'qcow2', raw, image])
   expect(`${cmp.stdout}${cmp.stderr}`.trim(), `${label}: qemu-img compare with the model`).toBe('Images are identical.')
   await expectCleanCheck(label, image)
 
-  const extents = JSON.parse(await qemuImg(['map', '--output=json', image])) as MapExtent[]
+  const extents = JSON.parse(await qemuImg(['map', '-U', '--output=json', image])) as MapExtent[]
   const entries = readEntries(image, Math.ceil(model.length / CLUSTER))
   const fd = fs.openSync(image, 'r')
   const problems: string[] = []
