@@ -124,27 +124,32 @@ export const infoCommand: Command = {
   name: 'info',
   summary: 'show an image: virtual size, cluster size, backing file, snapshots, features',
   usage: [
-    'Usage: qcow2fs info [--json] IMAGE',
+    'Usage: qcow2fs info [--json] [-U] IMAGE',
     '',
     'Opens IMAGE read-only (it is never modified) and prints what qcow2fs sees in it, in the',
     "layout of 'qemu-img info': virtual size, disk size, cluster size, backing file and its",
     'format, internal snapshots, and the qcow2 feature fields (compat, compression type, lazy',
     'refcounts, refcount bits, corrupt, extended l2, data file).',
     '',
+    "Like 'qemu-img info' it takes QEMU's read lock, so an image that QEMU or a qcow2fs mount",
+    'has open for writing is refused unless -U is given.',
+    '',
     'Options:',
-    "  --json      print JSON with the keys of 'qemu-img info --output=json'",
-    '  -h, --help  show this help',
+    "  --json              print JSON with the keys of 'qemu-img info --output=json'",
+    '  -U, --force-share   read the image even while another process writes it (no lock;',
+    '                      what is printed may be out of date or inconsistent)',
+    '  -h, --help          show this help',
     '',
     'Exit codes: 0 printed, 1 the image cannot be opened (the reason is one line on',
     'stderr), 2 usage error.',
   ].join('\n') + '\n',
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' } })
+    const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' }, 'force-share': { type: 'boolean', short: 'U' } })
     if (positionals.length === 0) throw new UsageError('missing IMAGE')
     if (positionals.length > 1) throw new UsageError(`expected one IMAGE, got ${positionals.length}`)
     const imagePath = positionals[0]!
     log.cli('info %s (json=%s)', imagePath, values.json === true)
-    const img = await Qcow2Image.open(imagePath, { readOnly: true })
+    const img = await Qcow2Image.open(imagePath, { readOnly: true, lock: values['force-share'] !== true })
     let text: string
     try {
       // The image named as the user gave it, like qemu-img; the engine keeps the absolute path.

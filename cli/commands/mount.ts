@@ -38,9 +38,11 @@ export interface MountOptions {
   snapshot?: string
   l2CacheBytes?: number
   allowOther: boolean
+  /** Take QEMU's image locks (false with -o nolock). */
+  lock: boolean
 }
 
-const KNOWN_OPTIONS = 'ro, rw, fixed-size, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other'
+const KNOWN_OPTIONS = 'ro, rw, fixed-size, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other, nolock'
 
 /** BYTES with an optional K, M or G (binary) suffix. */
 export function parseByteSize(text: string): number | undefined {
@@ -53,7 +55,7 @@ export function parseByteSize(text: string): number | undefined {
 
 /** Parses the -o lists (comma-separated, later values win); throws UsageError. */
 export function parseMountOptions(lists: readonly string[]): MountOptions {
-  const opts: MountOptions = { access: 'auto', fixedSize: false, allowOther: false }
+  const opts: MountOptions = { access: 'auto', fixedSize: false, allowOther: false, lock: true }
   for (const list of lists) {
     for (const item of list.split(',')) {
       if (item === '') continue
@@ -65,9 +67,11 @@ export function parseMountOptions(lists: readonly string[]): MountOptions {
         case 'rw':
         case 'fixed-size':
         case 'allow_other':
+        case 'nolock':
           if (value !== undefined) throw new UsageError(`mount option '${key}' takes no value`)
           if (key === 'allow_other') opts.allowOther = true
           else if (key === 'fixed-size') opts.fixedSize = true
+          else if (key === 'nolock') opts.lock = false
           else opts.access = key
           break
         case 'snapshot':
@@ -121,7 +125,7 @@ function parseMountArgs(values: { options?: string[] }, positionals: string[]): 
  * open but opens read-only is served read-only, and `notes` gets a line saying why.
  */
 async function openImage(imagePath: string, opts: MountOptions, notes: string[]): Promise<Qcow2Image> {
-  const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes }
+  const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes, lock: opts.lock }
   if (opts.access !== 'auto') return Qcow2Image.open(imagePath, { ...open, readOnly: opts.access === 'ro' })
   let writeRefusal: unknown
   try {
@@ -293,6 +297,8 @@ export const mountCommand: Command = {
     '                      snapshot=NAME|ID      show an internal snapshot instead (read-only)',
     '                      cache-size=BYTES[K|M|G]  L2 table cache per image',
     '                      allow_other           let other users access the mount',
+    "                      nolock                take no image lock: QEMU and other mounts",
+    '                                            are not kept off the images (see README)',
     '  -f, --foreground  run the server in the foreground until unmounted',
     '',
     'Server logs: DEBUG=qcow2fs:* qcow2fs mount ...; the background server writes them to a',

@@ -49,7 +49,7 @@ describe('qcow2fs --help', () => {
   it('prints a command usage for CMD --help, before or after other arguments', () => {
     const plain = runCli(['info', '--help'])
     expect(plain.status).toBe(0)
-    expect(plain.stdout).toMatch(/^Usage: qcow2fs info \[--json\] IMAGE/)
+    expect(plain.stdout).toMatch(/^Usage: qcow2fs info \[--json\] \[-U\] IMAGE/)
     const after = runCli(['info', 'some.qcow2', '-h'])
     expect(after.status).toBe(0)
     expect(after.stdout).toBe(plain.stdout)

@@ -57,24 +57,25 @@ describe('toFuseErrno', () => {
 })
 
 describe('mount options', () => {
-  it('defaults to read-write where possible, resizable, no snapshot, default cache, no allow_other', () => {
-    expect(parseMountOptions([])).toEqual({ access: 'auto', fixedSize: false, allowOther: false })
+  it('defaults to read-write where possible, resizable, no snapshot, default cache, no allow_other, locked', () => {
+    expect(parseMountOptions([])).toEqual({ access: 'auto', fixedSize: false, allowOther: false, lock: true })
   })
 
   it('parses every known option, across several -o', () => {
-    expect(parseMountOptions(['rw,cache-size=4M', 'allow_other,fixed-size'])).toEqual({
+    expect(parseMountOptions(['rw,cache-size=4M', 'allow_other,fixed-size', 'nolock'])).toEqual({
       access: 'rw',
       fixedSize: true,
       l2CacheBytes: 4 * 1024 * 1024,
       allowOther: true,
+      lock: false,
     })
-    expect(parseMountOptions(['rw,ro'])).toEqual({ access: 'ro', fixedSize: false, allowOther: false })
-    expect(parseMountOptions(['snapshot=1'])).toEqual({ access: 'ro', fixedSize: false, snapshot: '1', allowOther: false })
+    expect(parseMountOptions(['rw,ro'])).toEqual({ access: 'ro', fixedSize: false, allowOther: false, lock: true })
+    expect(parseMountOptions(['snapshot=1'])).toEqual({ access: 'ro', fixedSize: false, snapshot: '1', allowOther: false, lock: true })
     expect(parseMountOptions(['ro,snapshot=before upgrade'])).toMatchObject({ snapshot: 'before upgrade' })
   })
 
   it('refuses unknown options, bad values and rw with a snapshot, as usage errors', () => {
-    for (const bad of ['bogus', 'ro=1', 'snapshot', 'snapshot=', 'cache-size=', 'cache-size=0', 'cache-size=1T', 'cache-size=-5', 'rw,snapshot=s1', 'allow_other=yes', 'fixed-size=1']) {
+    for (const bad of ['bogus', 'ro=1', 'snapshot', 'snapshot=', 'cache-size=', 'cache-size=0', 'cache-size=1T', 'cache-size=-5', 'rw,snapshot=s1', 'allow_other=yes', 'fixed-size=1', 'nolock=1']) {
       expect(() => parseMountOptions([bad]), bad).toThrow(UsageError)
     }
     expect(() => parseMountOptions(['bogus'])).toThrow(/^unknown mount option 'bogus' \(known: [^)]+\)$/)
