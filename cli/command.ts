@@ -17,6 +17,11 @@ export interface Command {
   summary: string
   /** Full help text printed by `qcow2fs NAME --help`. */
   usage: string
+  /**
+   * Exit code of a usage error, when EXIT_USAGE means something else for this command (check:
+   * 2 means corruptions found, as in qemu-img check).
+   */
+  usageExitCode?: number
   /** Runs the command; resolves to the process exit code. Prints its own output. */
   run(argv: string[]): Promise<number>
 }

@@ -49,7 +49,7 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
 
 /** The command modules and the table built from them. */
 async function loadCommands() {
-  const [errors, logging, command, help, info, mount, unmount, create] = await Promise.all([
+  const [errors, logging, command, help, info, mount, unmount, create, check, map] = await Promise.all([
     import('../lib/errors.js'),
     import('../lib/log.js'),
     import('./command.js'),
@@ -58,11 +58,20 @@ async function loadCommands() {
     import('./commands/mount.js'),
     import('./commands/unmount.js'),
     import('./commands/create.js'),
+    import('./commands/check.js'),
+    import('./commands/map.js'),
   ])
   describe = errors.describeError
   logCli = logging.log.cli
   /** Commands shown by `qcow2fs --help`, in this order. */
-  const listed: Command[] = [mount.mountCommand, unmount.unmountCommand, info.infoCommand, create.createCommand]
+  const listed: Command[] = [
+    mount.mountCommand,
+    unmount.unmountCommand,
+    info.infoCommand,
+    create.createCommand,
+    check.checkCommand,
+    map.mapCommand,
+  ]
   const helpCommand = help.makeHelpCommand(listed)
   /** Internal commands: dispatched, never listed (`__serve` is the background mount server). */
   const hidden: Command[] = [mount.serveCommand]
@@ -146,7 +155,7 @@ async function dispatch(commands: Commands, argv: string[]): Promise<number> {
     logCli('%s failed: %O', command.name, err)
     if (err instanceof UsageError) {
       printError(`${usageMessage(err)} (see '${PROGRAM} ${command.name} --help')`)
-      return EXIT_USAGE
+      return command.usageExitCode ?? EXIT_USAGE
     }
     printError(describe(err))
     return EXIT_FAILURE
