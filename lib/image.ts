@@ -22,6 +22,7 @@ import { Mutex } from 'async-mutex'
 import { ClosedError, CorruptImageError, InvalidRequestError, NotFoundError, ReadOnlyError, UnsupportedFeatureError } from './errors.js'
 import type { ImageInfo, SnapshotInfo } from './image-info.js'
 import {
+  COMPRESSION_TYPE_ZLIB,
   COMPRESSION_TYPE_ZSTD,
   INCOMPAT_CORRUPT_BIT,
   INCOMPAT_DIRTY_BIT,
@@ -67,6 +68,7 @@ import { ClusterMapper } from './engine/cluster-map.js'
 import { type MetadataState, type MutableHeader, flushMetadata, writeHeaderField } from './engine/metadata.js'
 import { ReadPath } from './engine/read-path.js'
 import { WritePath } from './engine/write-path.js'
+import { type CompressOptions, type CompressStats, CompressedWrites } from './engine/compress/pipeline.js'
 import { Refcounts } from './meta/refcounts.js'
 
 export interface OpenOptions {
@@ -82,6 +84,11 @@ export interface OpenOptions {
    * BusyError. false: no lock and no check, like QEMU's locking=off.
    */
   lock?: boolean
+  /**
+   * Compressed writes (the `compress` mount option, docs/COMPRESSION.md): writes to fresh
+   * clusters are stored compressed. Read-write opens only.
+   */
+  compress?: CompressOptions
 }
 
 /** Everything openOnFile validated and opened, handed to the constructor. */
@@ -104,6 +111,7 @@ interface ImageParts {
   l2Cache: L2SliceCache
   readPath: ReadPath
   readOnly: boolean
+  compress: CompressOptions | undefined
 }
 
 /** State that exists only while an image is open read-write. */
@@ -114,6 +122,8 @@ interface Writer {
   prepared: boolean
   /** We set the dirty bit (lazy refcounts) and must clear it on a clean close. */
   setDirtyBit: boolean
+  /** Compressed writes, with the `compress` option. */
+  compressed: CompressedWrites | undefined
 }
 
 /** Dirty L2 slices that force a metadata flush (4096 slices: 16 MiB of table data). */
@@ -191,11 +201,35 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
         readPath: init.readPath,
         backingSize: () => backing?.virtualSize ?? 0,
       })
-      this.#writer = { meta, writePath, prepared: false, setDirtyBit: false }
+      this.#writer = { meta, writePath, prepared: false, setDirtyBit: false, compressed: undefined }
+      if (init.compress) this.#startCompressedWrites(this.#writer, init, refcounts, init.compress)
       if (init.file instanceof MetadataOverlapGuard) {
         init.file.attach(() => metadataLayout(h, init.l1, refcounts, meta.wanted, init.snapshots, init.snapshotTableBytes, init.geometry.clusterSize))
       }
     }
+  }
+
+  /** Routes writes through the compressed-write pipeline (lib/engine/compress/pipeline.ts). */
+  #startCompressedWrites(writer: Writer, init: ImageParts, refcounts: Refcounts, options: CompressOptions): void {
+    const { writePath } = writer
+    const compressed = new CompressedWrites(
+      {
+        geometry: init.geometry,
+        compressionType: init.header.compressionType,
+        refcounts,
+        virtualSize: () => this.#virtualSize,
+        readCommitted: (buf, guestOffset) => init.readPath.readSync(buf, guestOffset),
+        mutate: (section) => this.#mutate((w) => section(w.writePath)),
+        writeCompressed: (buf, hostOffset) => {
+          init.file.pwrite(buf, hostOffset, 'compressed')
+          writePath.dataWritten = true
+        },
+      },
+      options,
+    )
+    writePath.router = compressed
+    init.readPath.setCompressedOverlay({ end: () => compressed.cache.end(), apply: (buf, hostOffset) => compressed.cache.overlay(buf, hostOffset) })
+    writer.compressed = compressed
   }
 
   /** Opens a qcow2 image; rejects with a Qcow2Error whose message names the problem. */
@@ -242,10 +276,17 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     // Damage found by a read fails the read (EIO) and changes nothing: only writes set the
     // corrupt bit.
     this.#readPath.readSync(buf, guestOffset)
+    // Staged and queued compressed writes are not in the image yet.
+    this.#writer?.compressed?.overlay(buf, guestOffset)
   }
 
   async read(buf: Uint8Array, guestOffset: number): Promise<void> {
     this.readSync(buf, guestOffset)
+  }
+
+  /** Compressed-write counters (with the `compress` option). */
+  compressionStats(): CompressStats | undefined {
+    return this.#writer?.compressed?.stats()
   }
 
   /** Read-path counters (clusters inflated so far). */
@@ -254,7 +295,10 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   }
 
   /** Writes buf at guestOffset; the range must lie inside the disk (see resize). */
-  write(buf: Uint8Array, guestOffset: number): Promise<void> {
+  async write(buf: Uint8Array, guestOffset: number): Promise<void> {
+    // Compressed writes return once their data is queued: wait for room in the queue first.
+    const compressed = this.#writer?.compressed
+    if (compressed && !this.#closed) await compressed.admit()
     return this.#mutate((writer) => {
       if (guestOffset < 0 || guestOffset + buf.length > this.#virtualSize) {
         throw new InvalidRequestError(`write of ${buf.length} bytes at ${guestOffset} goes past the end of the disk (${this.#virtualSize} bytes)`)
@@ -317,20 +361,27 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     if (this.#closed) throw new ClosedError()
     const writer = this.#writer
     if (!writer) return
+    // Staged and queued compressed clusters first: then the cache, then the metadata.
+    if (writer.compressed && !this.#readOnly) await writer.compressed.drain()
     await this.#exclusive(() => this.#flushLocked(writer))
   }
 
   async close(): Promise<void> {
     if (this.#closed) return
     const writer = this.#writer
-    if (writer && !this.#readOnly) {
-      await this.#exclusive(() => {
-        this.#flushLocked(writer)
-        if (writer.setDirtyBit) {
-          writer.meta.wanted.incompatibleFeatures = clearBit(writer.meta.wanted.incompatibleFeatures, INCOMPAT_DIRTY_BIT)
+    try {
+      if (writer && !this.#readOnly) {
+        if (writer.compressed) await writer.compressed.drain()
+        await this.#exclusive(() => {
           this.#flushLocked(writer)
-        }
-      })
+          if (writer.setDirtyBit) {
+            writer.meta.wanted.incompatibleFeatures = clearBit(writer.meta.wanted.incompatibleFeatures, INCOMPAT_DIRTY_BIT)
+            this.#flushLocked(writer)
+          }
+        })
+      }
+    } finally {
+      await writer?.compressed?.close()
     }
     this.closeSync()
   }
@@ -347,6 +398,8 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   #flushLocked(writer: Writer): void {
     if (this.#readOnly) return
     this.#guardCorruption(() => {
+      // Compressed bytes still cached go first, so no L2 entry is durable before its data (O1).
+      writer.compressed?.flushCache()
       flushMetadata(writer.meta, writer.writePath.dataWritten)
       writer.writePath.dataWritten = false
     })
@@ -636,6 +689,7 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
     l2Cache,
     readPath,
     readOnly,
+    compress: options.compress,
   })
 }
 
@@ -643,6 +697,9 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
 function checkWritable(imagePath: string, header: Qcow2Header, options: OpenOptions): void {
   if (options.snapshot !== undefined) {
     throw new InvalidRequestError(`'${imagePath}': snapshot '${options.snapshot}' can only be opened read-only`)
+  }
+  if (options.compress && header.compressionType !== COMPRESSION_TYPE_ZLIB && header.compressionType !== COMPRESSION_TYPE_ZSTD) {
+    throw new UnsupportedFeatureError(`'${imagePath}': compression type ${header.compressionType} cannot be written`)
   }
   if (headerFlags.corrupt(header)) {
     throw new CorruptImageError(`'${imagePath}' is marked corrupt; open it read-only, or repair it with 'qemu-img check -r all'`)

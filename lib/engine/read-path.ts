@@ -44,6 +44,17 @@ export interface ReadPathOptions {
   compressionType: number
 }
 
+/**
+ * Compressed bytes not yet in the image file (the compressed-write cache of the `compress`
+ * mount option): laid over what the file holds whenever compressed data is read.
+ */
+export interface CompressedBytesOverlay {
+  /** End of the highest byte it holds (0: none). */
+  end(): number
+  /** Copies the bytes it holds of [hostOffset, hostOffset + buf.length) into buf. */
+  apply(buf: Uint8Array, hostOffset: number): void
+}
+
 export class ReadPath {
   #g: Geometry
   #mapper: ClusterMapper
@@ -54,6 +65,7 @@ export class ReadPath {
   #decompressed: LRUCache<number, Uint8Array>
   #compressedInput: Uint8Array
   #clustersInflated = 0
+  #overlay: CompressedBytesOverlay | undefined
 
   constructor(options: ReadPathOptions) {
     this.#g = options.geometry
@@ -103,6 +115,11 @@ export class ReadPath {
     this.#decompressed.delete(hostOffset)
   }
 
+  /** Lays `overlay` over every compressed read from now on. */
+  setCompressedOverlay(overlay: CompressedBytesOverlay | undefined): void {
+    this.#overlay = overlay
+  }
+
   /** Counters for tests and logs. */
   stats(): { clustersInflated: number } {
     return { clustersInflated: this.#clustersInflated }
@@ -147,12 +164,18 @@ export class ReadPath {
   /** The compressed bytes of a cluster (the sector-rounded size may run past EOF). */
   #readCompressed(hostOffset: number, compressedSize: number, scratch: Uint8Array): Uint8Array {
     const file = this.#imageFile
-    if (hostOffset >= file.size) {
+    const overlay = this.#overlay
+    const end = overlay ? Math.max(file.size, overlay.end()) : file.size
+    if (hostOffset >= end) {
       throw new CorruptImageError(`compressed cluster at host offset ${hex(hostOffset)} lies past the end of the image file`)
     }
-    const input = scratch.subarray(0, Math.min(compressedSize, file.size - hostOffset))
+    const input = scratch.subarray(0, Math.min(compressedSize, end - hostOffset))
     const n = file.pread(input, hostOffset)
-    return input.subarray(0, n)
+    if (!overlay) return input.subarray(0, n)
+    // Cached bytes may lie past the end of the file, or over older bytes in it.
+    input.fill(0, n)
+    overlay.apply(input, hostOffset)
+    return input
   }
 
   #located(err: unknown, hostOffset: number): unknown {

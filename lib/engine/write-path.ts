@@ -36,6 +36,7 @@ import {
   SubclusterType,
   clusterTypeOf,
   decodeCompressedDescriptor,
+  encodeCompressedEntry,
   isCopiedEntry,
   l2EntryHostOffset,
   subclusterRangeMask,
@@ -61,6 +62,30 @@ export interface WritePathOptions {
   backingSize: () => number
 }
 
+/**
+ * One piece of a write or zero write, inside one guest cluster, offered to a router before the
+ * normal path handles it (the `compress` mount option: lib/engine/compress/pipeline.ts).
+ */
+export interface RoutedChunk {
+  clusterGuestOffset: number
+  offsetInCluster: number
+  /** The bytes (all zero for a zero write). */
+  chunk: Uint8Array
+  /** The cluster has no host offset (unallocated or zero, no data of its own). */
+  fresh: boolean
+  /** The piece comes from a zero write (writeZeroes, or a resize making a range read as zeros). */
+  zeroing: boolean
+  /** Whether the piece's range of a fresh cluster reads as zeros now (not from a backing file). */
+  readsZero: () => boolean
+}
+
+export interface WriteRouter {
+  /** Takes the piece (returns true), or leaves it to the normal path (false). */
+  route(piece: RoutedChunk): boolean
+  /** Guest clusters [firstCluster, endCluster) lose their mappings (a shrink, a discard). */
+  discard(firstCluster: number, endCluster: number): void
+}
+
 /** Where one guest cluster's L2 entry lives, and its current value. */
 interface EntryRef {
   slice: L2Slice
@@ -84,6 +109,10 @@ export class WritePath {
   #zeros: Uint8Array
   /** Guest data was written since the last flush (a sync is owed). */
   dataWritten = false
+  /** Sees every piece first when set (the `compress` mount option). */
+  router: WriteRouter | undefined
+  /** False while the router itself writes through this path. */
+  #routing = true
 
   constructor(options: WritePathOptions) {
     this.#g = options.geometry
@@ -105,7 +134,7 @@ export class WritePath {
       const pos = guestOffset + done
       const offsetInCluster = pos % cs
       const bytes = Math.min(cs - offsetInCluster, buf.length - done)
-      this.#writeInCluster(pos - offsetInCluster, offsetInCluster, buf.subarray(done, done + bytes))
+      this.#writeInCluster(pos - offsetInCluster, offsetInCluster, buf.subarray(done, done + bytes), false)
       done += bytes
     }
   }
@@ -118,17 +147,63 @@ export class WritePath {
       const pos = guestOffset + done
       const offsetInCluster = pos % cs
       const n = Math.min(cs - offsetInCluster, bytes - done)
-      this.#writeInCluster(pos - offsetInCluster, offsetInCluster, this.#zeros.subarray(0, n))
+      this.#writeInCluster(pos - offsetInCluster, offsetInCluster, this.#zeros.subarray(0, n), true)
       done += n
     }
   }
 
-  // ---- one cluster ----
+  /** write() that bypasses the router (the router's own writes). */
+  writeDirect(buf: Uint8Array, guestOffset: number): void {
+    this.#unrouted(() => this.write(buf, guestOffset))
+  }
 
-  #writeInCluster(clusterGuestOffset: number, offsetInCluster: number, chunk: Uint8Array): void {
+  /** writeZeroes() that bypasses the router. */
+  writeZeroesDirect(guestOffset: number, bytes: number): void {
+    this.#unrouted(() => this.writeZeroes(guestOffset, bytes))
+  }
+
+  #unrouted(step: () => void): void {
+    const before = this.#routing
+    this.#routing = false
+    try {
+      step()
+    } finally {
+      this.#routing = before
+    }
+  }
+
+  /**
+   * Maps the fresh guest cluster at clusterGuestOffset to `compressedBytes` bytes of compressed
+   * data at the host offset `place` returns (called once the L2 table is ready, so the table is
+   * allocated before the data's host space). The entry gets an all-zero subcluster bitmap
+   * (extended L2: compressed clusters have no subclusters). Returns the host offset.
+   */
+  installCompressed(clusterGuestOffset: number, compressedBytes: number, place: (bytes: number) => number): number {
     const g = this.#g
     const ref = this.#entryForWrite(clusterGuestOffset)
     this.#checkBitmap(ref, clusterGuestOffset)
+    const type = clusterTypeOf(ref.hi, ref.lo, g.extendedL2, false)
+    if (type !== ClusterType.UNALLOCATED && type !== ClusterType.ZERO_PLAIN) {
+      throw new CorruptImageError(`guest cluster ${hex(clusterGuestOffset)} was allocated while its compressed data was on the way`)
+    }
+    const hostOffset = place(compressedBytes)
+    const { hi, lo } = encodeCompressedEntry(hostOffset, compressedBytes, g.clusterBits)
+    this.#setEntry(ref, hi, lo, 0, 0)
+    return hostOffset
+  }
+
+  // ---- one cluster ----
+
+  #writeInCluster(clusterGuestOffset: number, offsetInCluster: number, chunk: Uint8Array, zeroing: boolean): void {
+    const g = this.#g
+    const ref = this.#entryForWrite(clusterGuestOffset)
+    this.#checkBitmap(ref, clusterGuestOffset)
+    if (this.router && this.#routing) {
+      const type = clusterTypeOf(ref.hi, ref.lo, g.extendedL2, false)
+      const fresh = type === ClusterType.UNALLOCATED || type === ClusterType.ZERO_PLAIN
+      const readsZero = () => this.#freshRangeReadsZero(ref, clusterGuestOffset, offsetInCluster, chunk.length)
+      if (this.router.route({ clusterGuestOffset, offsetInCluster, chunk, fresh, zeroing, readsZero })) return
+    }
     if (isAllZero(chunk) && this.#tryZeroWrite(clusterGuestOffset, offsetInCluster, chunk.length, ref)) return
 
     const type = clusterTypeOf(ref.hi, ref.lo, g.extendedL2, false)
@@ -294,6 +369,24 @@ export class WritePath {
     return true
   }
 
+  /** Whether [offsetInCluster, +bytes) of a cluster without host offset reads as zeros. */
+  #freshRangeReadsZero(ref: EntryRef, clusterGuestOffset: number, offsetInCluster: number, bytes: number): boolean {
+    const g = this.#g
+    if (!g.extendedL2) {
+      const type = clusterTypeOf(ref.hi, ref.lo, false, false)
+      return type === ClusterType.ZERO_PLAIN || clusterGuestOffset + offsetInCluster >= this.#backingSize()
+    }
+    const scs = g.subclusterSize
+    const last = Math.floor((offsetInCluster + bytes - 1) / scs)
+    for (let sc = Math.floor(offsetInCluster / scs); sc <= last; sc++) {
+      const t = subclusterTypeOf(ref.hi, ref.lo, ref.zeroBits, ref.allocBits, sc, true, false)
+      if (t === SubclusterType.ZERO_PLAIN) continue
+      if (t === SubclusterType.UNALLOCATED_PLAIN && clusterGuestOffset + Math.max(sc * scs, offsetInCluster) >= this.#backingSize()) continue
+      return false
+    }
+    return true
+  }
+
   // ---- metadata helpers ----
 
   /** The L2 entry of the cluster at clusterGuestOffset, in an L2 table this image owns. */
@@ -431,6 +524,7 @@ export class WritePath {
     const g = this.#g
     const cs = g.clusterSize
     const firstCluster = Math.ceil(start / cs)
+    if (this.router && this.#routing && Math.ceil(end / cs) > firstCluster) this.router.discard(firstCluster, Math.ceil(end / cs))
     if (start % cs !== 0) {
       // A partly kept cluster: zero its tail, if anything maps it.
       const clusterStart = start - (start % cs)

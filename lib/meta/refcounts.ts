@@ -52,6 +52,8 @@ export class Refcounts {
   #freeHint = 0
   #allocationEnd: number
   #layoutVersion = 0
+  /** Told of every cluster whose refcount drops to 0 (the compressed-write cache drops it). */
+  onFreed: ((cluster: number) => void) | undefined
 
   constructor(file: BlockFile, geometry: Geometry, layout: RefcountLayout) {
     this.#file = file
@@ -172,7 +174,10 @@ export class Refcounts {
         throw new CorruptImageError(`refcount of cluster ${hex(cluster * this.#g.clusterSize)} would drop below zero`)
       }
       this.set(cluster, current - 1)
-      if (current === 1 && cluster < this.#freeHint) this.#freeHint = cluster
+      if (current === 1) {
+        if (cluster < this.#freeHint) this.#freeHint = cluster
+        this.onFreed?.(cluster)
+      }
     }
   }
 
