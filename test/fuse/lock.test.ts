@@ -230,7 +230,7 @@ describe.skipIf(!qemu)('image locks between qcow2fs and QEMU', () => {
     expect(results).toEqual({ 'qemu-io': expected, 'qcow2fs mount': expected })
   })
 
-  it('qcow2fs mount of an image a running qemu-io writes: exit 1 with the reason, nothing mounted, nothing running, image unchanged; -o ro too; -o ro,nolock reads it', async () => {
+  it('qcow2fs mount of an image a running qemu-io writes: exit 1 with the reason, nothing mounted, nothing running, no lock left, image unchanged; -o ro too; -o ro,nolock reads it', async () => {
     const image = await newDisk('qemu-writes')
     const holder = await holdWithQemuIo(tools, image)
     try {
@@ -245,6 +245,15 @@ describe.skipIf(!qemu)('image locks between qcow2fs and QEMU', () => {
       }
       expect(await sha256(image)).toBe(before)
       expect(lockedBytesOn(image)).toEqual(WRITER_BYTES)
+      // With a free image first on the command line: that one is opened (and locked), then
+      // closed again when the busy one is refused.
+      const free = await newDisk('free')
+      const both = await newMountpoint()
+      const r = await cli(['mount', free, image, both])
+      expect(r.code).toBe(1)
+      expect(r.stderr).toMatch(/^qcow2fs: '[^']*qemu-writes\.qcow2' is in use by another process \(locked for writing/)
+      await expectNothingLeft(both)
+      expect(lockedBytesOn(free)).toEqual([])
       // Without the lock a read-only mount goes ahead (and takes no lock).
       const mnt = await mount([image], ['-o', 'ro,nolock'])
       expect(lockedBytesOn(image)).toEqual(WRITER_BYTES)
