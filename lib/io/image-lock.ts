@@ -40,8 +40,8 @@ const PERM_CONSISTENT_READ = 0
 const PERM_WRITE = 1
 const PERM_RESIZE = 3
 /** RAW_LOCK_PERM_BASE and RAW_LOCK_SHARED_BASE of QEMU's file-posix driver. */
-export const PERM_LOCK_BASE = 100
-export const SHARED_LOCK_BASE = 200
+const PERM_LOCK_BASE = 100
+const SHARED_LOCK_BASE = 200
 
 interface Permissions {
   /** Permissions held: byte PERM_LOCK_BASE + i is locked for each. */
@@ -65,7 +65,6 @@ export function lockedBytes(mode: LockMode): number[] {
 /** The addon's calls (lib/io/native/ofd_lock.c); each returns 0 or an errno value. */
 interface OfdLockAddon {
   lockByte(fd: number, offset: number): number
-  unlockByte(fd: number, offset: number): number
   testByte(fd: number, offset: number): number
 }
 

@@ -8,14 +8,14 @@
  * drops every lock the process holds on it. OFD locks belong to one open() and conflict with
  * every other open() of the file, in this process or another, as QEMU's do.
  *
- * Three calls, each on one byte at `offset` of the file open as `fd`, each returning 0 or an
+ * Two calls, each on one byte at `offset` of the file open as `fd`, each returning 0 or an
  * errno value (never throwing for a failed fcntl):
- *   lockByte(fd, offset)          takes a shared (read) lock; EAGAIN/EACCES: another open holds
- *                                 an exclusive lock there
- *   unlockByte(fd, offset)        drops this open's lock on the byte
- *   testByte(fd, offset)          0 when this open could take an exclusive lock on the byte,
- *                                 EAGAIN when another open holds any lock on it
- * ENOSYS where the system has no OFD locks.
+ *   lockByte(fd, offset)   takes a shared (read) lock; EAGAIN/EACCES: another open holds an
+ *                          exclusive lock there
+ *   testByte(fd, offset)   0 when this open could take an exclusive lock on the byte, EAGAIN
+ *                          when another open holds any lock on it
+ * ENOSYS where the system has no OFD locks. There is no unlock: closing the descriptor (the
+ * last one of its open file description) releases every lock it holds.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -91,16 +91,6 @@ static napi_value lock_byte(napi_env env, napi_callback_info info)
     return number(env, byte_lock(F_OFD_SETLK, fd, offset, F_RDLCK, NULL));
 }
 
-static napi_value unlock_byte(napi_env env, napi_callback_info info)
-{
-    int32_t fd;
-    int64_t offset;
-
-    if (!fd_and_offset(env, info, &fd, &offset))
-        return NULL;
-    return number(env, byte_lock(F_OFD_SETLK, fd, offset, F_UNLCK, NULL));
-}
-
 static napi_value test_byte(napi_env env, napi_callback_info info)
 {
     int32_t fd;
@@ -121,7 +111,6 @@ static napi_value init(napi_env env, napi_value exports)
 {
     napi_property_descriptor props[] = {
         { "lockByte", NULL, lock_byte, NULL, NULL, NULL, napi_enumerable, NULL },
-        { "unlockByte", NULL, unlock_byte, NULL, NULL, NULL, napi_enumerable, NULL },
         { "testByte", NULL, test_byte, NULL, NULL, NULL, napi_enumerable, NULL },
     };
 
