@@ -130,6 +130,7 @@ export class CheckPass {
   #maxComputed: number
   #workLeft: number
   #outOfWork = false
+  #overflowExplained = false
 
   constructor(file: BlockFile, imagePath: string, report: Reporter, layout?: ImageLayout) {
     this.#file = file
@@ -199,10 +200,13 @@ export class CheckPass {
       } else {
         this.computed[cluster] = this.#maxComputed
         this.report(`ERROR: overflow cluster offset=0x${hexNumber(cluster * cs)}`)
-        this.report(
-          `(refcount_bits ${2 ** this.onDisk.refcountOrder} cannot count its references: widen it with ` +
-            `'qemu-img amend -o refcount_bits=...', or copy the image with 'qemu-img convert')`,
-        )
+        if (!this.#overflowExplained) {
+          this.#overflowExplained = true
+          this.report(
+            `(refcount_bits ${2 ** this.onDisk.refcountOrder} cannot count these references: widen it with ` +
+              `'qemu-img amend -o refcount_bits=...', or copy the image with 'qemu-img convert')`,
+          )
+        }
         this.counts.corruptions += times - room
       }
     }

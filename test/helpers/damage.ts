@@ -7,6 +7,7 @@
  *   setRefcount(image, hostCluster, value)   pokes it (any refcount width)
  *   l1EntryOffset / readL1Entry / writeL1Entry
  *   l2EntryOffset / readL2Entry / writeL2Entry (descriptor and, with extended L2, bitmap)
+ *   writeBytes / writeBigEndian              raw pokes
  *   setIncompatibleBits(image, mask)         ORs bits into incompatible_features
  *   appendCluster(image)                     grows the file by one cluster; returns its index
  *
@@ -164,6 +165,10 @@ export function writeL2Entry(imagePath: string, guestCluster: number, entry: L2E
 /** Host cluster index of a standard L2 descriptor (bits 9-55). */
 export function hostClusterOf(imagePath: string, descriptor: bigint): number {
   return Number(descriptor & 0x00ff_ffff_ffff_fe00n) / readHeader(imagePath).clusterSize
+}
+
+export function writeBytes(filePath: string, offset: number, bytes: Uint8Array): void {
+  withFd(filePath, 'r+', (fd) => fs.writeSync(fd, bytes, 0, bytes.length, offset))
 }
 
 export function writeBigEndian(filePath: string, offset: number, bytes: number, value: bigint): void {

@@ -1,0 +1,100 @@
+/*
+ * `qcow2fs map` (the compiled CLI) against `qemu-img map`, same arguments, same directory:
+ * the same stdout in both formats (file names in the human table as qemu-img writes them:
+ * backing files joined to the image's directory as given), the same refusal of compressed
+ * clusters in the human format, and one-line errors for what cannot be mapped.
+ */
+import { copyFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { spawnSync } from 'node:child_process'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { readHeader, readL1Entry, writeL1Entry, writeL2Entry, readL2Entry } from '../helpers/damage.js'
+import { FIXTURES_DIR } from '../helpers/fixtures.js'
+import { requireQemu } from '../helpers/qemu.js'
+import { ensureBuilt, makeTempDir, removeTempDir, runCli, sha256File, stderrLines } from './helpers.js'
+
+const qemu = requireQemu('qcow2fs map CLI vs qemu-img map')
+
+function qemuImg(args: string[], cwd: string): { status: number; stdout: string; stderr: string } {
+  const r = spawnSync(qemu!.qemuImg, args, { cwd, encoding: 'utf8', timeout: 60_000 })
+  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr }
+}
+
+let dir = ''
+
+describe.skipIf(!qemu)('qcow2fs map (CLI) against qemu-img map', () => {
+  beforeAll(() => {
+    ensureBuilt()
+    dir = makeTempDir('map-cli')
+  })
+  afterAll(() => {
+    if (dir) removeTempDir(dir)
+  })
+
+  for (const [cwd, image] of [
+    ['', 'images/c4k.qcow2'],
+    ['', 'chain/top.qcow2'],
+    ['chain', 'mid.qcow2'],
+    ['images', 'el2-c16k.qcow2'],
+    ['images', 'datafile.qcow2'],
+    ['', 'images/zlib.qcow2'],
+  ] as const) {
+    it(`${image} (from fixtures/${cwd})`, () => {
+      const where = join(FIXTURES_DIR, cwd)
+      const hash = sha256File(join(where, image))
+      const theirsJson = qemuImg(['map', '--output=json', image], where)
+      const oursJson = runCli(['map', '--json', image], { cwd: where })
+      expect(oursJson.status).toBe(0)
+      expect(oursJson.stdout).toBe(theirsJson.stdout)
+      const theirs = qemuImg(['map', image], where)
+      const ours = runCli(['map', image], { cwd: where })
+      expect(ours.stdout).toBe(theirs.stdout)
+      expect(ours.status).toBe(theirs.status)
+      if (theirs.status !== 0) {
+        expect(theirs.stderr).toBe('qemu-img: File contains external, encrypted or compressed clusters.\n')
+        expect(ours.stderr).toBe('qcow2fs: File contains external, encrypted or compressed clusters.\n')
+      }
+      expect(sha256File(join(where, image))).toBe(hash)
+    })
+  }
+
+  it('usage errors exit 2; unreadable images and metadata exit 1, one line each', () => {
+    for (const args of [['map'], ['map', 'a', 'b'], ['map', '--bogus', 'x']]) {
+      const r = runCli(args)
+      expect(r.status, args.join(' ')).toBe(2)
+      expect(stderrLines(r)).toHaveLength(1)
+    }
+    const missing = runCli(['map', join(dir, 'missing.qcow2')])
+    expect(missing.status).toBe(1)
+    expect(missing.stderr).toMatch(/^qcow2fs: .*no such file\n$/)
+
+    // A backing file that is not there.
+    const top = join(dir, 'orphan.qcow2')
+    spawnSync(qemu!.qemuImg, ['create', '-q', '-f', 'qcow2', '-b', 'gone.qcow2', '-F', 'qcow2', '-u', top, '1M'])
+    const orphan = runCli(['map', top])
+    expect(orphan.status).toBe(1)
+    expect(orphan.stderr).toMatch(/^qcow2fs: backing file 'gone.qcow2' .*not found.*\n$/)
+
+    // Metadata QEMU's block status fails on: an unaligned L2 table, an unaligned data cluster.
+    const base = join(dir, 'damaged-base.qcow2')
+    spawnSync(qemu!.qemuImg, ['create', '-q', '-f', 'qcow2', base, '1M'])
+    spawnSync(qemu!.qemuIo, ['-f', 'qcow2', '-c', 'write -P 1 0 64k', base])
+    for (const [name, damage] of [
+      ['unaligned-l2.qcow2', (p: string) => writeL1Entry(p, 0, readL1Entry(p, 0) + 0x200n)],
+      ['unaligned-data.qcow2', (p: string) => writeL2Entry(p, 0, { descriptor: readL2Entry(p, 0).descriptor + 0x200n, bitmap: 0n })],
+    ] as const) {
+      const p = join(dir, name)
+      copyFileSync(base, p)
+      damage(p)
+      expect(readHeader(p).clusterSize).toBe(65536)
+      const theirs = qemuImg(['map', '--output=json', name], dir)
+      const ours = runCli(['map', '--json', name], { cwd: dir })
+      expect(theirs.status).toBe(1)
+      expect(ours.status).toBe(1)
+      expect(stderrLines(ours)).toHaveLength(1)
+      expect(ours.stderr).toMatch(/^qcow2fs: 'unaligned-[a-z0-9]+\.qcow2': .*unaligned/)
+      // qemu-img prints the '[' before it fails; we print nothing.
+      expect(ours.stdout).toBe('')
+    }
+  })
+})
