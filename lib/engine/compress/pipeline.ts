@@ -17,7 +17,7 @@
  *    that already read as zeros change nothing, so appending writes (each grows the disk) do not
  *    complete a cluster early. A write to a cluster whose compression is under way puts the
  *    cluster back into staging, complete (it is compressed again at the bound or on fsync).
- *  - Compression runs on the thread pool or worker threads (compressor.ts), several clusters
+ *  - Compression runs on worker threads, one per core (compressor.ts), several clusters
  *    at once. Results are committed in queue order, each in one synchronous section under the
  *    image lock: host bytes from the packer (packer.ts, PK-1 to PK-5), the compressed bytes into
  *    the compressed-write cache (compressed-cache.ts, WC-1 to WC-22), the L2 entry (CW-10:
