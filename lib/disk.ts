@@ -16,6 +16,9 @@
  *    512 bytes) and may refuse (e.g. an image with internal snapshots: UnsupportedFeatureError).
  *  - `flush()` makes everything written so far durable.
  *  - `close()` flushes and releases the image; afterwards every call rejects with ClosedError.
+ *  - `compressionProgress()` (optional): what compressed writes (the `compress` mount option)
+ *    did so far and how many clusters are still waiting; undefined without them. A server
+ *    shows it while an unmount finishes the image.
  */
 export interface VirtualDisk {
   readonly virtualSize: number
@@ -26,4 +29,18 @@ export interface VirtualDisk {
   resize(sizeBytes: number): Promise<void>
   flush(): Promise<void>
   close(): Promise<void>
+  compressionProgress?(): CompressionProgress | undefined
+}
+
+/** Counters of compressed writes (lib/engine/compress/pipeline.ts). */
+export interface CompressionProgress {
+  /** Clusters stored compressed, stored as normal clusters (they did not shrink), as zeros. */
+  compressedClusters: number
+  uncompressedClusters: number
+  zeroClusters: number
+  /** Guest bytes of the compressed and uncompressed clusters, and the host bytes they take. */
+  guestBytes: number
+  storedBytes: number
+  /** Clusters staged or queued for compression: work left before the image is closed. */
+  pendingClusters: number
 }

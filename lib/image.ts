@@ -17,7 +17,7 @@
  *    ordering) comes with its own design notes when it lands.
  */
 import * as path from 'node:path'
-import type { VirtualDisk } from './disk.js'
+import type { CompressionProgress, VirtualDisk } from './disk.js'
 import { Mutex } from 'async-mutex'
 import { ClosedError, CorruptImageError, InvalidRequestError, NotFoundError, ReadOnlyError, UnsupportedFeatureError } from './errors.js'
 import type { ImageInfo, SnapshotInfo } from './image-info.js'
@@ -70,6 +70,7 @@ import { ReadPath } from './engine/read-path.js'
 import { WritePath } from './engine/write-path.js'
 import { type CompressOptions, type CompressStats, CompressedWrites } from './engine/compress/pipeline.js'
 import { Refcounts } from './meta/refcounts.js'
+import { repairDirtyImage } from './check/dirty.js'
 
 export interface OpenOptions {
   /** Open read-only (the default). Read-write opens refuse images they cannot keep valid. */
@@ -78,6 +79,11 @@ export interface OpenOptions {
   snapshot?: string
   /** Bound of the L2 table cache in bytes (the `cache-size` mount option). */
   l2CacheBytes?: number
+  /**
+   * Receives one line for each thing the open did that the user should hear of: a read-write
+   * open of a dirty image repairs it first (lib/check/dirty.ts) and says so here.
+   */
+  notes?: string[]
   /**
    * Take QEMU's image locks (the default): the image, its backing files and data file are
    * locked as QEMU locks them (lib/io/image-lock.ts) and an image in use is refused with
@@ -287,6 +293,13 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   /** Compressed-write counters (with the `compress` option). */
   compressionStats(): CompressStats | undefined {
     return this.#writer?.compressed?.stats()
+  }
+
+  compressionProgress(): CompressionProgress | undefined {
+    const stats = this.compressionStats()
+    if (!stats) return undefined
+    const { compressedClusters, uncompressedClusters, zeroClusters, guestBytes, storedBytes } = stats
+    return { compressedClusters, uncompressedClusters, zeroClusters, guestBytes, storedBytes, pendingClusters: stats.stagedClusters + stats.queuedClusters }
   }
 
   /** Read-path counters (clusters inflated so far). */
@@ -558,6 +571,11 @@ function readExact(file: BlockFile, bytes: number, hostOffset: number, imagePath
 }
 
 function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, context: ChainContext, opened: { close(): void }[]): Qcow2Image {
+  if (options.readOnly === false) {
+    // A dirty image (lazy refcounts, writer crashed) is repaired before anything is read.
+    const note = repairDirtyImage(file, imagePath, options)
+    if (note !== undefined) options.notes?.push(note)
+  }
   const probe = new Uint8Array(Math.min(HEADER_PROBE_SIZE, file.size))
   file.pread(probe, 0)
   let header: Qcow2Header
@@ -705,8 +723,9 @@ function checkWritable(imagePath: string, header: Qcow2Header, options: OpenOpti
     throw new CorruptImageError(`'${imagePath}' is marked corrupt; open it read-only, or repair it with 'qemu-img check -r all'`)
   }
   if (headerFlags.dirty(header)) {
+    // Only left set when the repair of the open could not fix everything.
     throw new UnsupportedFeatureError(
-      `'${imagePath}' has the dirty bit set (refcounts not updated after a crash); repair it with 'qemu-img check -r all', or open it read-only`,
+      `'${imagePath}' has the dirty bit set and corruptions its repair could not fix (see 'qcow2fs check'); open it read-only`,
     )
   }
   if (headerFlags.externalDataFile(header)) {

@@ -7,19 +7,27 @@
  *   -> {"op":"status"}                 <- {"ok":true,"pid":N,"mountpoint":"...","files":[...]}
  *   -> {"op":"unmount","lazy":false}   <- {"ok":true,"pid":N} once every image is closed and
  *                                         the file system is unmounted; the server exits next
+ *                                         ("compression": [...] with compressed writes)
  *                                      <- {"ok":false,"error":"one line"} when it cannot
+ *
+ * While an unmount finishes images with compressed writes, the server may send progress lines
+ * before the reply: {"progress":[{"image":"NAME", ...counters}]}.
  */
 import { createHash } from 'node:crypto'
 import { lstat, mkdir, stat, unlink } from 'node:fs/promises'
 import { createConnection, type Server, type Socket, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import type { CompressionProgress } from '../disk.js'
 import { log } from '../log.js'
 
 export type ControlRequest = { op: 'status' } | { op: 'unmount'; lazy: boolean }
 
+/** Compressed-write counters of one image (named by its file name). */
+export type CompressionReport = CompressionProgress & { image: string }
+
 export type ControlReply =
-  | { ok: true; pid: number; mountpoint?: string; files?: string[] }
+  | { ok: true; pid: number; mountpoint?: string; files?: string[]; compression?: CompressionReport[] }
   | { ok: false; error: string }
 
 /** Where the control sockets and server logs of this user live. */
@@ -92,7 +100,8 @@ function isControlRequest(message: unknown): message is ControlRequest {
   return op === 'unmount' && typeof (message as { lazy?: unknown }).lazy === 'boolean'
 }
 
-export type ControlHandler = (request: ControlRequest) => Promise<ControlReply>
+/** Answers a request; may send progress lines (compressed writes being finished) before that. */
+export type ControlHandler = (request: ControlRequest, progress: (report: CompressionReport[]) => void) => Promise<ControlReply>
 
 /**
  * The server side: answers each request line with one reply line. close() ends a connection
@@ -132,8 +141,11 @@ export class ControlServer {
     socket.on('error', (err) => log.server('control connection error: %s', err.message))
     onJsonLines(socket, (message) => {
       this.owed.set(socket, (this.owed.get(socket) ?? 0) + 1)
+      const progress = (report: CompressionReport[]) => {
+        if (!socket.destroyed && socket.writable) socket.write(`${JSON.stringify({ progress: report })}\n`)
+      }
       const reply: Promise<ControlReply> = isControlRequest(message)
-        ? handler(message).catch((err: unknown) => ({ ok: false as const, error: err instanceof Error ? err.message : String(err) }))
+        ? handler(message, progress).catch((err: unknown) => ({ ok: false as const, error: err instanceof Error ? err.message : String(err) }))
         : Promise.resolve({ ok: false as const, error: 'malformed control request' })
       void reply.then((r) => {
         if (!socket.destroyed && socket.writable) socket.write(`${JSON.stringify(r)}\n`)
@@ -169,19 +181,23 @@ export interface ControlAnswer {
 /**
  * Sends one request (timeoutMs may be Infinity) and resolves with the reply; the connection
  * stays open until the server exits or hangUp(). Rejects with NoServerError when nothing
- * listens on the socket.
+ * listens on the socket. Progress lines go to onProgress, and each restarts the timeout.
  */
-export function sendControlRequest(socketPath: string, request: ControlRequest, timeoutMs: number): Promise<ControlAnswer> {
+export function sendControlRequest(
+  socketPath: string,
+  request: ControlRequest,
+  timeoutMs: number,
+  onProgress?: (report: CompressionReport[]) => void,
+): Promise<ControlAnswer> {
   return new Promise((resolve, reject) => {
     const socket = createConnection(socketPath)
     const closed = new Promise<void>((done) => socket.once('close', () => done()))
     let answered = false
-    const timer = Number.isFinite(timeoutMs)
-      ? setTimeout(() => {
-          socket.destroy()
-          reject(new Error(`no answer from the qcow2fs server within ${Math.round(timeoutMs / 1000)} s`))
-        }, timeoutMs)
-      : undefined
+    const expire = () => {
+      socket.destroy()
+      reject(new Error(`no answer from the qcow2fs server within ${Math.round(timeoutMs / 1000)} s`))
+    }
+    let timer = Number.isFinite(timeoutMs) ? setTimeout(expire, timeoutMs) : undefined
     socket.once('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer)
       if (answered) return
@@ -195,6 +211,15 @@ export function sendControlRequest(socketPath: string, request: ControlRequest, 
     })
     onJsonLines(socket, (message) => {
       if (answered) return
+      const progress = (message as { progress?: unknown } | undefined)?.progress
+      if (Array.isArray(progress)) {
+        if (timer !== undefined) {
+          clearTimeout(timer)
+          timer = setTimeout(expire, timeoutMs)
+        }
+        onProgress?.(progress as CompressionReport[])
+        return
+      }
       answered = true
       clearTimeout(timer)
       const reply = message as ControlReply

@@ -20,6 +20,7 @@ import { describeError } from '../errors.js'
 import { log } from '../log.js'
 import { type FileTimes, type MountedRawFiles, type RawFileSource, assertDistinctNames, mountRawFiles } from './adapter.js'
 import {
+  type CompressionReport,
   ControlServer,
   type ControlReply,
   type ControlRequest,
@@ -52,6 +53,10 @@ export class MountFailure extends Error {
 
 const SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const
 const DEFAULT_SIGNAL_GRACE_MS = 5_000
+/** An unmount that takes longer than this reports the progress of compressed writes... */
+const PROGRESS_DELAY_MS = 1_000
+/** ...this often. */
+const PROGRESS_INTERVAL_MS = 250
 
 /** The resolved mountpoint, or MountFailure when it cannot take a mount. */
 export async function checkMountpoint(mountpoint: string): Promise<string> {
@@ -193,7 +198,7 @@ export class MountServer {
       // Requests arriving before the server object exists are answered once it does.
       let ready: (s: MountServer) => void
       const serverReady = new Promise<MountServer>((done) => (ready = done))
-      control = await ControlServer.listen(socketPath, async (request) => (await serverReady).handle(request))
+      control = await ControlServer.listen(socketPath, async (request, progress) => (await serverReady).handle(request, progress))
       try {
         mounted = await mountRawFiles(mountpoint, sources, { allowOther: opts.allowOther, fixedSize: opts.fixedSize })
       } catch (err) {
@@ -222,7 +227,7 @@ export class MountServer {
     }
   }
 
-  private async handle(request: ControlRequest): Promise<ControlReply> {
+  private async handle(request: ControlRequest, progress: (report: CompressionReport[]) => void): Promise<ControlReply> {
     if (request.op === 'status') {
       return { ok: true, pid: process.pid, mountpoint: this.mountpoint, files: this.files }
     }
@@ -237,9 +242,46 @@ export class MountServer {
         throw new Error(`cannot unmount '${this.mountpoint}': ${reason}`)
       }
     }
-    const code = await this.stop('unmount request', { graceMs: request.lazy ? Infinity : this.signalGraceMs })
+    const stopReporting = this.reportProgress(progress)
+    let code: number
+    try {
+      code = await this.stop('unmount request', { graceMs: request.lazy ? Infinity : this.signalGraceMs })
+    } finally {
+      stopReporting()
+    }
     if (code !== 0) throw new Error(`'${this.mountpoint}' is unmounted, but closing an image failed (see the server log)`)
-    return { ok: true, pid: process.pid }
+    const compression = this.compressionReport()
+    return compression.length > 0 ? { ok: true, pid: process.pid, compression } : { ok: true, pid: process.pid }
+  }
+
+  /** Compressed-write counters of every image that has them. */
+  private compressionReport(): CompressionReport[] {
+    const report: CompressionReport[] = []
+    for (const file of this.mounted.adapter.files) {
+      const counters = file.disk.compressionProgress?.()
+      if (counters) report.push({ image: basename(file.imagePath), ...counters })
+    }
+    return report
+  }
+
+  /**
+   * While the images are being finished, sends the compressed-write counters after the first
+   * second, then every PROGRESS_INTERVAL_MS. Returns the function that stops it.
+   */
+  private reportProgress(send: (report: CompressionReport[]) => void): () => void {
+    let interval: NodeJS.Timeout | undefined
+    const tick = () => {
+      const report = this.compressionReport()
+      if (report.length > 0) send(report)
+    }
+    const first = setTimeout(() => {
+      tick()
+      interval = setInterval(tick, PROGRESS_INTERVAL_MS)
+    }, PROGRESS_DELAY_MS)
+    return () => {
+      clearTimeout(first)
+      clearInterval(interval)
+    }
   }
 
   /** Shuts down (once); resolves with the exit code. */
