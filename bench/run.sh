@@ -21,7 +21,8 @@
 #   BENCH_REPS [3]                  repetitions of each measurement
 #   BENCH_FIO_RUNTIME [20]          seconds per fio run
 #   BENCH_IMAGE_MIB [1024]          guest size of the images
-#   BENCH_QCOW2FS_OPTS []           extra arguments for `qcow2fs mount`, e.g. "-o ro"
+#   BENCH_QCOW2FS_OPTS [-o ro]      arguments for `qcow2fs mount` (read-only: qemu-storage-daemon
+#                                   serves the same images at the same time, and both lock them)
 #   BENCH_TARGETS [qcow2fs qsd engine zero]  what to measure (engine: qcow2fs's engine without
 #                                   FUSE, bench/engine-read.mjs); a partial run never updates the doc
 #   BENCH_UPDATE_DOC [1]            0: do not rewrite the results section of docs/PERFORMANCE.md
@@ -42,7 +43,7 @@ WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench}
 REPS=${BENCH_REPS:-3}
 FIO_RUNTIME_S=${BENCH_FIO_RUNTIME:-20}
 IMAGE_MIB=${BENCH_IMAGE_MIB:-1024}
-QCOW2FS_OPTS=${BENCH_QCOW2FS_OPTS:-}
+QCOW2FS_OPTS=${BENCH_QCOW2FS_OPTS:--o ro}
 UPDATE_DOC=${BENCH_UPDATE_DOC:-1}
 CPU_PROFILE=${BENCH_CPU_PROFILE:-0}
 TARGET_KINDS=" ${BENCH_TARGETS:-qcow2fs qsd engine zero} "

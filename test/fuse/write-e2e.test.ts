@@ -233,7 +233,7 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     loopMountpoints.push(loop)
     let r = await runProcess('mount', ['-o', 'loop', raw, loop])
     expect(r.code, r.stderr).toBe(0)
-    r = await runProcess('cp', ['-a', tree, join(REPO_ROOT, 'lib'), loop])
+    r = await runProcess('cp', ['-a', tree, join(REPO_ROOT, 'fixtures'), loop])
     expect(r.code, r.stderr).toBe(0)
     r = await runProcess('umount', [loop])
     expect(r.code, r.stderr).toBe(0)
@@ -248,7 +248,7 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     try {
       for (const [copy, original] of [
         [join(loop, 'tree'), tree],
-        [join(loop, 'lib'), join(REPO_ROOT, 'lib')],
+        [join(loop, 'fixtures'), join(REPO_ROOT, 'fixtures')],
       ] as const) {
         const diff = await runProcess('diff', ['-r', original, copy])
         expect(diff.code, diff.stdout.toString()).toBe(0)
