@@ -17,7 +17,7 @@
  *    ordering) comes with its own design notes when it lands.
  */
 import * as path from 'node:path'
-import type { VirtualDisk } from './disk.js'
+import type { CompressionProgress, VirtualDisk } from './disk.js'
 import { Mutex } from 'async-mutex'
 import { ClosedError, CorruptImageError, InvalidRequestError, NotFoundError, ReadOnlyError, UnsupportedFeatureError } from './errors.js'
 import type { ImageInfo, SnapshotInfo } from './image-info.js'
@@ -293,6 +293,13 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   /** Compressed-write counters (with the `compress` option). */
   compressionStats(): CompressStats | undefined {
     return this.#writer?.compressed?.stats()
+  }
+
+  compressionProgress(): CompressionProgress | undefined {
+    const stats = this.compressionStats()
+    if (!stats) return undefined
+    const { compressedClusters, uncompressedClusters, zeroClusters, guestBytes, storedBytes } = stats
+    return { compressedClusters, uncompressedClusters, zeroClusters, guestBytes, storedBytes, pendingClusters: stats.stagedClusters + stats.queuedClusters }
   }
 
   /** Read-path counters (clusters inflated so far). */

@@ -40,9 +40,14 @@ export interface MountOptions {
   allowOther: boolean
   /** Take QEMU's image locks (false with -o nolock). */
   lock: boolean
+  /** Store writes to fresh clusters compressed (-o compress; docs/COMPRESSION.md). */
+  compress?: boolean
+  /** Bound of the staging memory of partial writes with compress (-o compress-staging=BYTES). */
+  compressStagingBytes?: number
 }
 
-const KNOWN_OPTIONS = 'ro, rw, fixed-size, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other, nolock'
+const KNOWN_OPTIONS =
+  'ro, rw, fixed-size, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other, nolock, compress, compress-staging=BYTES[K|M|G]'
 
 /** BYTES with an optional K, M or G (binary) suffix. */
 export function parseByteSize(text: string): number | undefined {
@@ -68,12 +73,23 @@ export function parseMountOptions(lists: readonly string[]): MountOptions {
         case 'fixed-size':
         case 'allow_other':
         case 'nolock':
+        case 'compress':
           if (value !== undefined) throw new UsageError(`mount option '${key}' takes no value`)
           if (key === 'allow_other') opts.allowOther = true
           else if (key === 'fixed-size') opts.fixedSize = true
           else if (key === 'nolock') opts.lock = false
+          else if (key === 'compress') opts.compress = true
           else opts.access = key
           break
+        case 'compress-staging': {
+          // 0 is allowed: partial writes to fresh clusters are then stored uncompressed.
+          const bytes = value === '0' ? 0 : value === undefined ? undefined : parseByteSize(value)
+          if (bytes === undefined) {
+            throw new UsageError(`bad mount option 'compress-staging=${value ?? ''}': expected BYTES with an optional K, M or G suffix`)
+          }
+          opts.compressStagingBytes = bytes
+          break
+        }
         case 'snapshot':
           if (!value) throw new UsageError(`mount option 'snapshot' needs a value: snapshot=NAME|ID`)
           opts.snapshot = value
@@ -90,6 +106,12 @@ export function parseMountOptions(lists: readonly string[]): MountOptions {
           throw new UsageError(`unknown mount option '${key}' (known: ${KNOWN_OPTIONS})`)
       }
     }
+  }
+  if (opts.compressStagingBytes !== undefined && !opts.compress) {
+    throw new UsageError(`mount option 'compress-staging' needs 'compress'`)
+  }
+  if (opts.compress && (opts.access === 'ro' || opts.snapshot !== undefined)) {
+    throw new UsageError(`mount option 'compress' writes: it cannot be combined with '${opts.snapshot !== undefined ? 'snapshot' : 'ro'}'`)
   }
   // A snapshot is a view of the past: never writable.
   if (opts.snapshot !== undefined) {
@@ -125,7 +147,8 @@ function parseMountArgs(values: { options?: string[] }, positionals: string[]): 
  * open but opens read-only is served read-only, and `notes` gets a line saying why.
  */
 async function openImage(imagePath: string, opts: MountOptions, notes: string[]): Promise<Qcow2Image> {
-  const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes, lock: opts.lock }
+  const compress = opts.compress ? { stagingBytes: opts.compressStagingBytes } : undefined
+  const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes, lock: opts.lock, compress }
   // A read-write open of a dirty image repairs it first and leaves a note in `notes`.
   if (opts.access !== 'auto') return Qcow2Image.open(imagePath, { ...open, readOnly: opts.access === 'ro', notes })
   let writeRefusal: unknown
@@ -300,6 +323,12 @@ export const mountCommand: Command = {
     '                      allow_other           let other users access the mount',
     "                      nolock                take no image lock: QEMU and other mounts",
     '                                            are not kept off the images (see README)',
+    '                      compress              store what is written to unwritten clusters',
+    '                                            compressed (zlib or zstd, as the image says),',
+    '                                            as qemu-img convert -c would',
+    '                      compress-staging=BYTES[K|M|G]  memory for partial writes waiting',
+    '                                            for their cluster to fill (default 64M; 0:',
+    '                                            partial writes are stored uncompressed)',
     '  -f, --foreground  run the server in the foreground until unmounted',
     '',
     'Server logs: DEBUG=qcow2fs:* qcow2fs mount ...; the background server writes them to a',
