@@ -109,7 +109,7 @@ export const checkCommand: Command = {
   summary: 'check an image for consistency (refcounts, leaks, corruptions); repair it',
   usageExitCode: EXIT_FAILURE,
   usage: [
-    'Usage: qcow2fs check [--repair leaks|all] [--json] IMAGE',
+    'Usage: qcow2fs check [--repair leaks|all] [--json] [-U] IMAGE',
     '',
     "Checks IMAGE the way 'qemu-img check' does: it counts the references to every cluster",
     '(header, L1 and L2 tables of the image and its snapshots, data and compressed clusters,',
@@ -120,7 +120,9 @@ export const checkCommand: Command = {
     '  Leaked cluster N refcount=A reference=B  counted but unused (wasted space, no harm)',
     'and entries past the end of the file, misaligned tables and clusters, reserved bits,',
     'invalid subcluster bitmaps, invalid compressed descriptors, wrong COPIED flags.',
-    'Without --repair the image is opened read-only and never modified.',
+    'Without --repair the image is opened read-only and never modified. Like qemu-img check it',
+    "takes QEMU's read lock (with --repair the write lock): an image that QEMU or a qcow2fs",
+    'mount has open for writing is refused unless -U is given (not with --repair).',
     '',
     'Options:',
     '  -r, --repair leaks  lower refcounts that are too high (frees leaked clusters)',
@@ -129,6 +131,8 @@ export const checkCommand: Command = {
     '                      zero clusters; clears the dirty and corrupt bits when nothing is',
     '                      left wrong. Metadata is rewritten in a crash-safe order.',
     "  --json              print JSON with the keys of 'qemu-img check --output=json'",
+    '  -U, --force-share   check the image even while another process writes it (no lock;',
+    '                      what is read may then be inconsistent)',
     '  -h, --help          show this help',
     '',
     'Exit codes (those of qemu-img check): 0 no errors, 2 corruptions found, 3 only leaks',
@@ -139,14 +143,17 @@ export const checkCommand: Command = {
     const { values, positionals } = parseCommandArgs(argv, {
       json: { type: 'boolean' },
       repair: { type: 'string', short: 'r' },
+      'force-share': { type: 'boolean', short: 'U' },
     })
     if (positionals.length === 0) throw new UsageError('missing IMAGE')
     if (positionals.length > 1) throw new UsageError(`expected one IMAGE, got ${positionals.length}`)
     const imagePath = positionals[0]!
     const mode = parseRepairMode(values.repair)
     const json = values.json === true
-    log.cli('check %s (repair=%s, json=%s)', imagePath, mode ?? 'no', json)
-    const file = NodeBlockFile.open(imagePath, { readOnly: mode === undefined })
+    const forceShare = values['force-share'] === true
+    if (forceShare && mode !== undefined) throw new UsageError('-U (--force-share) cannot be used with --repair')
+    log.cli('check %s (repair=%s, json=%s, force-share=%s)', imagePath, mode ?? 'no', json, forceShare)
+    const file = NodeBlockFile.open(imagePath, { readOnly: mode === undefined, ...(forceShare ? { lock: 'none' as const } : {}) })
     const report = (line: string): void => {
       process.stderr.write(`${line}\n`)
     }

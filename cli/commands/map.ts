@@ -46,30 +46,34 @@ export const mapCommand: Command = {
   name: 'map',
   summary: 'show where the guest data of an image and its backing chain lies',
   usage: [
-    'Usage: qcow2fs map [--json] IMAGE',
+    'Usage: qcow2fs map [--json] [-U] IMAGE',
     '',
     'Opens IMAGE and its backing chain read-only and prints its allocation map, like',
     "'qemu-img map': the extents of the guest disk and, for each, the layer of the chain that",
     'answers it (depth 0 is IMAGE), whether it is allocated there (present), reads as zeros',
-    '(zero) or holds data (data), and where that data lies (offset, in File).',
+    '(zero) or holds data (data), and where that data lies (offset, in File). Like qemu-img map',
+    "it takes QEMU's read lock: an image that QEMU or a qcow2fs mount has open for writing is",
+    'refused unless -U is given.',
     '',
     'The human table lists the extents that hold data: Offset, Length, Mapped to, File. It',
     'cannot show compressed clusters (they have no offset of their own): use --json.',
     '',
     'Options:',
-    "  --json      print the JSON array of 'qemu-img map --output=json'",
-    '  -h, --help  show this help',
+    "  --json              print the JSON array of 'qemu-img map --output=json'",
+    '  -U, --force-share   map the image even while another process writes it (no lock;',
+    '                      what is read may then be inconsistent)',
+    '  -h, --help          show this help',
     '',
     'Exit codes: 0 printed, 1 the image cannot be opened or its metadata cannot be read (the',
     'reason is one line on stderr), 2 usage error.',
   ].join('\n') + '\n',
   async run(argv: string[]): Promise<number> {
-    const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' } })
+    const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' }, 'force-share': { type: 'boolean', short: 'U' } })
     if (positionals.length === 0) throw new UsageError('missing IMAGE')
     if (positionals.length > 1) throw new UsageError(`expected one IMAGE, got ${positionals.length}`)
     const imagePath = positionals[0]!
     log.cli('map %s (json=%s)', imagePath, values.json === true)
-    const entries = mapImage(imagePath)
+    const entries = mapImage(imagePath, imagePath, { lock: values['force-share'] !== true })
     if (values.json === true) {
       process.stdout.write(formatMapJson(entries))
       return EXIT_OK

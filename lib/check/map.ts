@@ -32,7 +32,7 @@ import { hex } from '../format/int64.js'
 import { SubclusterType, l2EntryHostOffset, subclusterRangeMask, subclusterTypeOf } from '../format/l2-entry.js'
 import { l1EntryL2Offset } from '../format/l1-entry.js'
 import { countTrailingZeros32 } from '../format/int64.js'
-import { type BlockFile, NodeBlockFile } from '../io/block-file.js'
+import { type BlockFile, type LockMode, NodeBlockFile } from '../io/block-file.js'
 import { type ChainContext, checkBackingFormat, enterChain, probeFormat, resolveBackingPath } from '../engine/backing.js'
 import { type ImageLayout, readImageLayout, readPadded } from './layout.js'
 import { OnDiskRefcounts } from './on-disk-refcounts.js'
@@ -382,9 +382,9 @@ function subclustersOfType(type: SubclusterType, zeroBits: number, allocBits: nu
 }
 
 /** Opens IMAGE and its backing chain read-only as map layers (QEMU's open checks apply). */
-function openLayer(imagePath: string, displayName: string, context: ChainContext | undefined): Layer {
+function openLayer(imagePath: string, displayName: string, context: ChainContext | undefined, lock: LockMode): Layer {
   const chain = enterChain(context, imagePath, MAX_BACKING_CHAIN_DEPTH)
-  const file = NodeBlockFile.open(imagePath, { readOnly: true })
+  const file = NodeBlockFile.open(imagePath, { readOnly: true, lock })
   const opened: { close(): void }[] = [file]
   try {
     const layout = readImageLayout(file, displayName)
@@ -395,7 +395,7 @@ function openLayer(imagePath: string, displayName: string, context: ChainContext
       if (name === undefined) throw new CorruptImageError(`'${displayName}': image needs an external data file but names none`)
       const dataPath = resolveBackingPath(imagePath, name)
       try {
-        dataFile = NodeBlockFile.open(dataPath, { readOnly: true })
+        dataFile = NodeBlockFile.open(dataPath, { readOnly: true, lock })
       } catch (err) {
         if (err instanceof NotFoundError) throw new NotFoundError(`'${displayName}': data file '${name}' not found (looked for '${dataPath}')`)
         throw err
@@ -411,7 +411,7 @@ function openLayer(imagePath: string, displayName: string, context: ChainContext
       const backingDisplay = combinePath(displayName, backingName)
       let backingFile: BlockFile
       try {
-        backingFile = NodeBlockFile.open(backingPath, { readOnly: true })
+        backingFile = NodeBlockFile.open(backingPath, { readOnly: true, lock })
       } catch (err) {
         if (err instanceof NotFoundError) {
           throw new NotFoundError(`backing file '${backingName}' of '${displayName}' not found (looked for '${backingPath}')`)
@@ -424,7 +424,7 @@ function openLayer(imagePath: string, displayName: string, context: ChainContext
         backing = new RawLayer(backingFile, backingDisplay)
       } else {
         backingFile.close()
-        backing = openLayer(backingPath, backingDisplay, chain)
+        backing = openLayer(backingPath, backingDisplay, chain, lock)
       }
       opened.push(backing)
     }
@@ -465,10 +465,11 @@ function mergeable(curr: MapEntry, next: MapEntry): boolean {
 
 /**
  * The allocation map of the image at `imagePath` (`displayName`: the name as the user gave it,
- * used for file names in the map, as qemu-img uses it).
+ * used for file names in the map, as qemu-img uses it). Every file of the chain is opened
+ * read-only with QEMU's read lock, unless `lock` is false.
  */
-export function mapImage(imagePath: string, displayName = imagePath): MapEntry[] {
-  const top = openLayer(imagePath, displayName, undefined)
+export function mapImage(imagePath: string, displayName = imagePath, options: { lock?: boolean } = {}): MapEntry[] {
+  const top = openLayer(imagePath, displayName, undefined, options.lock === false ? 'none' : 'read')
   try {
     const entries: MapEntry[] = []
     let curr: MapEntry = { start: 0, length: 0, depth: 0, present: false, zero: false, data: false }

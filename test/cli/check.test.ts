@@ -14,9 +14,10 @@
  */
 import { copyFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { appendCluster, hostClusterOf, readHeader, readL1Entry, readL2Entry, setRefcount, writeBigEndian, writeBytes } from '../helpers/damage.js'
+import { locksOn } from '../helpers/locks.js'
 import { requireQemu } from '../helpers/qemu.js'
 import { ensureBuilt, makeTempDir, removeTempDir, runCli, sha256File, stderrLines } from './helpers.js'
 
@@ -131,7 +132,7 @@ describe.skipIf(!qemu)('qcow2fs check (CLI) against qemu-img check', () => {
   it('help and the command list', () => {
     const help = runCli(['check', '--help'])
     expect(help.status).toBe(0)
-    expect(help.stdout).toMatch(/^Usage: qcow2fs check \[--repair leaks\|all\] \[--json\] IMAGE/)
+    expect(help.stdout).toMatch(/^Usage: qcow2fs check \[--repair leaks\|all\] \[--json\] \[-U\] IMAGE/)
     const main = runCli(['--help'])
     expect(main.stdout).toMatch(/^ {2}check {2,}check an image/m)
     expect(main.stdout).toMatch(/^ {2}map {2,}show where/m)
@@ -151,6 +152,25 @@ describe.skipIf(!qemu)('qcow2fs check (CLI) against qemu-img check', () => {
       expect(stderrLines(r)).toHaveLength(1)
       expect(r.stderr).toMatch(image === 'missing.qcow2' ? /no such file/ : /not a qcow2 image/)
       expect(r.stdout).toBe('')
+    }
+  })
+
+  it('takes the read lock: an image open for writing elsewhere is refused, -U checks it anyway', async () => {
+    // qemu-io holds the write lock while it sleeps.
+    const holder = spawn(qemu!.qemuIo, ['-f', 'qcow2', '-c', 'sleep 20000', 'clean.qcow2'], { cwd: dir, stdio: 'ignore' })
+    try {
+      await waitForLock(join(dir, 'clean.qcow2'))
+      const refused = runCli(['check', 'clean.qcow2'], { cwd: dir })
+      expect(refused.status).toBe(1)
+      expect(refused.stderr).toMatch(/^qcow2fs: 'clean.qcow2' is in use by another process[^\n]*\n$/)
+      const forced = runCli(['check', '-U', 'clean.qcow2'], { cwd: dir })
+      expect(forced.status).toBe(0)
+      expect(forced.stdout).toMatch(/^No errors were found on the image\./)
+      const withRepair = runCli(['check', '-U', '-r', 'leaks', 'clean.qcow2'], { cwd: dir })
+      expect(withRepair.status).toBe(1)
+      expect(withRepair.stderr).toMatch(/cannot be used with --repair/)
+    } finally {
+      holder.kill('SIGKILL')
     }
   })
 
@@ -181,3 +201,13 @@ describe.skipIf(!qemu)('qcow2fs check (CLI) against qemu-img check', () => {
     expect(counts['corruptions']).toBeGreaterThan(4096 * (h.clusterSize / 8) - 65535)
   })
 })
+
+
+/** Resolves once some process holds a lock on `file` (qemu-io has opened it). */
+async function waitForLock(file: string): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    if (locksOn(file).length > 0) return
+    await new Promise((done) => setTimeout(done, 50))
+  }
+  throw new Error(`nobody locked ${file}`)
+}

@@ -6,12 +6,13 @@
  */
 import { copyFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { readHeader, readL1Entry, writeL1Entry, writeL2Entry, readL2Entry } from '../helpers/damage.js'
 import { FIXTURES_DIR } from '../helpers/fixtures.js'
 import { requireQemu } from '../helpers/qemu.js'
 import { ensureBuilt, makeTempDir, removeTempDir, runCli, sha256File, stderrLines } from './helpers.js'
+import { locksOn } from '../helpers/locks.js'
 
 const qemu = requireQemu('qcow2fs map CLI vs qemu-img map')
 
@@ -58,6 +59,23 @@ describe.skipIf(!qemu)('qcow2fs map (CLI) against qemu-img map', () => {
     })
   }
 
+  it('takes the read lock: an image open for writing elsewhere is refused, -U maps it anyway', async () => {
+    const image = join(dir, 'locked.qcow2')
+    spawnSync(qemu!.qemuImg, ['create', '-q', '-f', 'qcow2', image, '1M'])
+    const holder = spawn(qemu!.qemuIo, ['-f', 'qcow2', '-c', 'sleep 20000', image], { stdio: 'ignore' })
+    try {
+      await waitForLock(image)
+      const refused = runCli(['map', image])
+      expect(refused.status).toBe(1)
+      expect(refused.stderr).toMatch(/is in use by another process/)
+      const forced = runCli(['map', '--json', '-U', image])
+      expect(forced.status).toBe(0)
+      expect(forced.stdout).toBe('[{ "start": 0, "length": 1048576, "depth": 0, "present": false, "zero": true, "data": false}]\n')
+    } finally {
+      holder.kill('SIGKILL')
+    }
+  })
+
   it('usage errors exit 2; unreadable images and metadata exit 1, one line each', () => {
     for (const args of [['map'], ['map', 'a', 'b'], ['map', '--bogus', 'x']]) {
       const r = runCli(args)
@@ -98,3 +116,12 @@ describe.skipIf(!qemu)('qcow2fs map (CLI) against qemu-img map', () => {
     }
   })
 })
+
+/** Resolves once some process holds a lock on `file` (qemu-io has opened it). */
+async function waitForLock(file: string): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    if (locksOn(file).length > 0) return
+    await new Promise((done) => setTimeout(done, 50))
+  }
+  throw new Error(`nobody locked ${file}`)
+}
