@@ -124,6 +124,8 @@ export class CompressedWrites implements WriteRouter {
   /** The latest queued, not cancelled job of each guest cluster. */
   #pending = new Map<number, Job>()
   #pumping = false
+  /** The commit section in progress (its jobs have left the queue). */
+  #committing: Promise<void> = Promise.resolve()
   #roomWaiters: (() => void)[] = []
   #error: unknown
   #stats = { compressedClusters: 0, uncompressedClusters: 0, zeroClusters: 0, guestBytes: 0, storedBytes: 0 }
@@ -193,7 +195,11 @@ export class CompressedWrites implements WriteRouter {
     }
     if (!piece.fresh || piece.zeroing) return false
     if (start === 0 && end === cs) {
-      if (isAllZero(piece.chunk)) return false
+      if (isAllZero(piece.chunk)) {
+        // The normal path keeps it a zero (or unallocated) cluster (CW-5); counted as one.
+        this.#stats.zeroClusters++
+        return false
+      }
       this.#submit(index, copyOf(piece.chunk))
       return true
     }
@@ -250,6 +256,7 @@ export class CompressedWrites implements WriteRouter {
     }
     const last = this.#queue[this.#queue.length - 1]
     if (last) await last.settled
+    else await this.#committing
     this.#throwIfFailed()
   }
 
@@ -345,7 +352,7 @@ export class CompressedWrites implements WriteRouter {
       queueMicrotask(finish)
       return
     }
-    this.#host
+    this.#committing = this.#host
       .mutate((writePath) => {
         for (const job of ready) this.#commit(writePath, job)
         // Finished host clusters go to the file at once (WC-6).
