@@ -13,10 +13,10 @@
  *    as zero; normal and compressed ones hold data. A range no layer answers reads as zero at
  *    the depth where the chain ends (or where the backing file ends).
  *  - raw (a raw backing file): data, except the file's holes, which read as zero; both with
- *    their file offset. QEMU asks the file system for holes (SEEK_HOLE); Node.js cannot, so
- *    holes are found as 4 KiB blocks of zeros, and only in a file that has holes at all (its
- *    allocated size is below its length). They agree when every zero block is a hole, as with
- *    files written sparsely (qemu-img convert, cp --sparse, truncate).
+ *    their file offset. Holes are asked of the file system with lseek(SEEK_DATA/SEEK_HOLE) as
+ *    QEMU asks (through lib/io/file-extents.ts); where that cannot be asked (the addon is not
+ *    built, a file held in memory), 4 KiB blocks of zeros in a file that has holes at all are
+ *    taken as its holes: right for files written sparsely, but written zeros count as holes.
  *  - a qcow2 image whose file holds much less than its refcounts claim (preallocated metadata)
  *    reports the holes inside its data clusters as zero too, as QEMU does.
  *
@@ -79,18 +79,17 @@ interface Layer {
 }
 
 /**
- * Where a file holds data and where it has holes (see the header): extents of 4 KiB blocks,
- * zero blocks being holes when the file has holes at all.
+ * Where a file holds data and where it has holes: asked of the file system (lseek SEEK_DATA /
+ * SEEK_HOLE, as QEMU does) when the file can be asked, else guessed (see the header).
  */
-class FileExtents {
+export class FileExtents {
   readonly #file: BlockFile
-  readonly #hasHoles: boolean
+  #hasHoles: boolean | undefined
   #chunkStart = -1
   #chunk: Uint8Array = new Uint8Array(0)
 
   constructor(file: BlockFile) {
     this.#file = file
-    this.#hasHoles = file.allocatedBytes() < Math.ceil(file.size / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES
   }
 
   #blockIsZero(block: number): boolean {
@@ -111,7 +110,15 @@ class FileExtents {
    * trailing hole).
    */
   extentAt(hostOffset: number, limit: number): { hole: boolean; end: number } {
+    const asked = this.#file.extentAt?.(hostOffset)
+    if (asked !== undefined) return { hole: asked.hole, end: Math.min(asked.end, limit) }
+    return this.#guess(hostOffset, limit)
+  }
+
+  /** Without lseek: 4 KiB blocks of zeros are the holes, in a file that has holes at all. */
+  #guess(hostOffset: number, limit: number): { hole: boolean; end: number } {
     const size = this.#file.size
+    this.#hasHoles ??= this.#file.allocatedBytes() < Math.ceil(size / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES
     if (!this.#hasHoles) return { hole: false, end: Math.min(size, limit) }
     let block = Math.floor(hostOffset / HOLE_BLOCK_BYTES)
     const hole = this.#blockIsZero(block)

@@ -7,6 +7,7 @@
  */
 import * as fs from 'node:fs'
 import { NotFoundError } from '../errors.js'
+import { type FileExtent, fileExtentAt } from './file-extents.js'
 import { type LockMode, lockImageFile } from './image-lock.js'
 
 export type { LockMode } from './image-lock.js'
@@ -34,6 +35,11 @@ export interface BlockFile {
   truncate(size: number): void
   /** Bytes the file occupies on the host (allocated blocks), for `info`. */
   allocatedBytes(): number
+  /**
+   * Whether the file holds data or a hole at hostOffset, and up to where (lib/io/file-extents.ts);
+   * undefined (or absent) when that cannot be asked. For `map`.
+   */
+  extentAt?(hostOffset: number): FileExtent | undefined
   close(): void
 }
 
@@ -135,6 +141,10 @@ export class NodeBlockFile implements BlockFile {
 
   allocatedBytes(): number {
     return fs.fstatSync(this.#fd).blocks * 512
+  }
+
+  extentAt(hostOffset: number): FileExtent | undefined {
+    return fileExtentAt(this.#fd, hostOffset)
   }
 
   close(): void {
