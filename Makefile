@@ -39,7 +39,7 @@ NODE_PREFIX := $(shell node -p 'require("path").resolve(process.execPath, "../..
 NODE_GYP_FLAGS := $(if $(wildcard $(NODE_PREFIX)/include/node/node_api.h),--nodedir=$(NODE_PREFIX))
 
 # node-gyp builds every target of binding.gyp, so one rule stands for all the addons.
-$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c
+$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/engine/compress/native/qemu_deflate.c
 	$(NPM) run build:native -- $(NODE_GYP_FLAGS)
 
 build: $(NODE_MODULES_STAMP) $(ADDON)

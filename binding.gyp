@@ -1,8 +1,16 @@
 # The native addons of lib/io: image locks (lib/io/native/ofd_lock.c) and file holes for map
-# (lib/io/native/file_extents.c); each file says why it exists.
+# (lib/io/native/file_extents.c); and QEMU's deflate for compressed writes
+# (lib/engine/compress/native/qemu_deflate.c). Each file says why it exists.
 # Built by `make build` (node-gyp rebuild, against the running Node's own headers).
 {
   "targets": [
+    {
+      "target_name": "qemu_deflate",
+      "sources": ["lib/engine/compress/native/qemu_deflate.c"],
+      "defines": ["NAPI_VERSION=8"],
+      "cflags": ["-Wall", "-Wextra"],
+      "libraries": ["-ldl"]
+    },
     {
       "target_name": "ofd_lock",
       "sources": ["lib/io/native/ofd_lock.c"],

@@ -8,8 +8,10 @@
  *    The window is not a matter of taste: QEMU inflates with a 4 KiB window, so a stream that
  *    refers further back (any larger window may) is unreadable by qemu-img and QEMU.
  *    Node's zlib is Chromium's fork of zlib: with the same parameters its streams come out about
- *    2% longer than those of the system zlib QEMU links (measured: 8.82 MB against 8.61 MB for
- *    20 MiB of /usr/bin), which no level or memLevel closes.
+ *    2.5% longer than those of the system zlib QEMU links (measured: 8.82 MB against 8.61 MB for
+ *    20 MiB of /usr/bin), which no level or memLevel closes. So deflate goes through the system
+ *    zlib (libz.so.1) when the qemu_deflate addon is built (native/qemu_deflate.c; `make
+ *    build`): the very streams qemu-img convert -c writes. Without it, node:zlib.
  *  - zstd (compression type 1): one zstd frame per cluster at zstd's default level (3), as
  *    QEMU writes them. Node 20's zlib has no zstd. The encoder is @bokuweb/zstd-wasm: zstd
  *    compiled to WebAssembly and shipped inside its npm package, so installing it needs no
@@ -22,10 +24,14 @@
  *    bytes or more is `undefined` here, and the caller writes a normal cluster (CW-4).
  *  - Results come back in any order; the caller keeps allocation in its own order (CW-10).
  */
-import * as zlib from 'node:zlib'
+import { createRequire } from 'node:module'
 import { availableParallelism } from 'node:os'
+import * as path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import * as zlib from 'node:zlib'
 import { COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD } from '../../format/constants.js'
 import { UnsupportedFeatureError } from '../../errors.js'
+import { log } from '../../log.js'
 import { CompressionPool } from './worker-pool.js'
 
 /** QEMU's deflateInit2 arguments for compressed clusters: window bits (-12: raw, 4 KiB window). */
@@ -50,9 +56,53 @@ const DEFLATE_OPTIONS: zlib.ZlibOptions = {
   strategy: zlib.constants.Z_DEFAULT_STRATEGY,
 }
 
-/** Raw deflate, 4 KiB window, as the workers make it (synchronous; for tests and tools). */
-export function deflateClusterSync(cluster: Uint8Array): Uint8Array {
-  return zlib.deflateRawSync(cluster, { ...DEFLATE_OPTIONS, chunkSize: Math.max(cluster.length, 64) })
+/** The qemu_deflate addon's calls (native/qemu_deflate.c). */
+interface QemuDeflateAddon {
+  deflate(input: Uint8Array, outputLimit: number, level: number, windowBits: number, memLevel: number, strategy: number): Uint8Array | undefined
+  version(): string | undefined
+}
+
+let addon: { path: string; calls: QemuDeflateAddon } | null | undefined
+
+/**
+ * The addon, from build/Release of the package root (the repository, both for these sources
+ * and for dist/), when it is built and the system zlib loads; null otherwise.
+ */
+function qemuDeflate(): { path: string; calls: QemuDeflateAddon } | null {
+  if (addon !== undefined) return addon
+  const lib = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
+  const root = path.basename(path.dirname(lib)) === 'dist' ? path.dirname(path.dirname(lib)) : path.dirname(lib)
+  const file = path.join(root, 'build', 'Release', 'qemu_deflate.node')
+  try {
+    const calls = createRequire(import.meta.url)(file) as QemuDeflateAddon
+    const version = calls.version()
+    if (version === undefined) throw new Error('libz.so.1 cannot be loaded')
+    addon = { path: file, calls }
+    log.compress('deflate: the system zlib %s (%s)', version, file)
+  } catch (err) {
+    addon = null
+    log.compress('deflate: node:zlib (the qemu_deflate addon is not usable: %s)', (err as Error).message)
+  }
+  return addon
+}
+
+/** Which deflate compressed writes use: 'system zlib 1.2.13' or 'node:zlib'. */
+export function deflateImplementation(): string {
+  const found = qemuDeflate()
+  return found ? `system zlib ${found.calls.version()}` : 'node:zlib'
+}
+
+/**
+ * Raw deflate, 4 KiB window, as the workers make it; undefined when the stream would not be
+ * shorter than the input (synchronous; for tests and tools).
+ */
+export function deflateClusterSync(cluster: Uint8Array): Uint8Array | undefined {
+  const found = qemuDeflate()
+  const o = DEFLATE_OPTIONS as Required<Pick<zlib.ZlibOptions, 'level' | 'windowBits' | 'memLevel' | 'strategy'>>
+  const out = found
+    ? found.calls.deflate(cluster, cluster.length - 1, o.level, -o.windowBits, o.memLevel, o.strategy)
+    : zlib.deflateRawSync(cluster, { ...DEFLATE_OPTIONS, chunkSize: Math.max(cluster.length, 64) })
+  return out !== undefined && out.length < cluster.length ? out : undefined
 }
 
 class PoolCompressor implements ClusterCompressor {
@@ -64,7 +114,7 @@ class PoolCompressor implements ClusterCompressor {
 
   async compress(cluster: Uint8Array): Promise<Uint8Array | undefined> {
     const out = await this.#pool.compress(cluster)
-    return out.length < cluster.length ? out : undefined
+    return out !== undefined && out.length < cluster.length ? out : undefined
   }
 
   close(): Promise<void> {
@@ -76,7 +126,9 @@ class PoolCompressor implements ClusterCompressor {
 export function makeCompressor(compressionType: number, threads: number = availableParallelism()): ClusterCompressor {
   const workers = Math.max(1, threads)
   if (compressionType === COMPRESSION_TYPE_ZLIB) {
-    return new PoolCompressor(new CompressionPool(workers, { codec: 'zlib', deflateOptions: DEFLATE_OPTIONS as Record<string, number> }))
+    const addonPath = qemuDeflate()?.path
+    const deflateOptions = DEFLATE_OPTIONS as Record<string, number>
+    return new PoolCompressor(new CompressionPool(workers, addonPath ? { codec: 'zlib', deflateOptions, addonPath } : { codec: 'zlib', deflateOptions }))
   }
   if (compressionType === COMPRESSION_TYPE_ZSTD) return new PoolCompressor(new CompressionPool(workers, { codec: 'zstd', zstdLevel: QEMU_ZSTD_LEVEL }))
   throw new UnsupportedFeatureError(`compression type ${compressionType} is not supported for writing`)

@@ -1,7 +1,7 @@
 /*
  * A pool of worker threads that compress clusters (compressor.ts says with what): raw deflate
- * through node:zlib's synchronous call, or zstd through @bokuweb/zstd-wasm (each worker loads
- * its own WebAssembly instance). A job goes to the worker with the fewest jobs queued; its
+ * through the system zlib (the qemu_deflate addon) or node:zlib's synchronous call, or zstd
+ * through @bokuweb/zstd-wasm (each worker loads its own WebAssembly instance). A job goes to the worker with the fewest jobs queued; its
  * buffers are transferred (not copied) both ways. Workers start on the first job and are
  * referenced only while they have work, so an idle pool never keeps the process alive.
  *
@@ -25,6 +25,11 @@ if (workerData.codec === 'zstd') {
   const zstd = require(workerData.modulePath)
   ready = zstd.init()
   compress = (input) => zstd.compress(input, workerData.zstdLevel)
+} else if (workerData.addonPath) {
+  // One deflate(Z_FINISH) into cluster size - 1 bytes, as QEMU does: undefined if it does not fit.
+  const qemu = require(workerData.addonPath)
+  const o = workerData.deflateOptions
+  compress = (input) => qemu.deflate(input, input.length - 1, o.level, -o.windowBits, o.memLevel, o.strategy)
 } else {
   const zlib = require('node:zlib')
   compress = (input) => zlib.deflateRawSync(input, { ...workerData.deflateOptions, chunkSize: Math.max(input.length, 64) })
@@ -32,17 +37,22 @@ if (workerData.codec === 'zstd') {
 parentPort.on('message', (job) => {
   ready.then(() => {
     const out = compress(new Uint8Array(job.input))
+    if (out === undefined) return parentPort.postMessage({ id: job.id })
     const own = out.byteOffset === 0 && out.byteLength === out.buffer.byteLength ? out : new Uint8Array(out)
     parentPort.postMessage({ id: job.id, output: own.buffer, length: own.length }, [own.buffer])
   }).catch((err) => parentPort.postMessage({ id: job.id, error: String(err && err.message || err) }))
 })
 `
 
-/** What the workers compress with. */
-export type PoolCodec = { codec: 'zlib'; deflateOptions: Record<string, number> } | { codec: 'zstd'; zstdLevel: number }
+/**
+ * What the workers compress with. zlib: with `addonPath`, the system zlib through the
+ * qemu_deflate addon; without, node:zlib.
+ */
+export type PoolCodec = { codec: 'zlib'; deflateOptions: Record<string, number>; addonPath?: string } | { codec: 'zstd'; zstdLevel: number }
 
 interface Job {
-  resolve: (out: Uint8Array) => void
+  /** The stream, or undefined when it did not fit in the cluster (only the addon says so). */
+  resolve: (out: Uint8Array | undefined) => void
   reject: (err: Error) => void
 }
 
@@ -64,7 +74,7 @@ export class CompressionPool {
   }
 
   /** The compressed stream of `input` (copied: the caller keeps its buffer). */
-  compress(input: Uint8Array): Promise<Uint8Array> {
+  compress(input: Uint8Array): Promise<Uint8Array | undefined> {
     if (this.#closed) return Promise.reject(new Error('compression worker pool is closed'))
     const slot = this.#pick()
     const id = this.#nextId++
@@ -102,8 +112,8 @@ export class CompressionPool {
       if (!job) return
       slot.jobs.delete(message.id)
       if (slot.jobs.size === 0) worker.unref()
-      if (message.error !== undefined || message.output === undefined) job.reject(new Error(`compression failed: ${message.error ?? 'no output'}`))
-      else job.resolve(new Uint8Array(message.output, 0, message.length ?? 0))
+      if (message.error !== undefined) job.reject(new Error(`compression failed: ${message.error}`))
+      else job.resolve(message.output === undefined ? undefined : new Uint8Array(message.output, 0, message.length ?? 0))
     })
     worker.on('error', (err) => this.#failAll(slot, err))
     worker.on('exit', () => {
