@@ -394,7 +394,12 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
         })
       }
     } finally {
-      await writer?.compressed?.close()
+      const compressed = writer?.compressed
+      if (compressed) {
+        await compressed.close()
+        // Data was lost (a sticky error): nothing can be made durable any more; let the file go.
+        if (compressed.error !== undefined) this.closeSync()
+      }
     }
     this.closeSync()
   }

@@ -14,7 +14,7 @@
  */
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { Qcow2Image } from '../../lib/image.js'
+import { type OpenOptions, Qcow2Image } from '../../lib/image.js'
 import { MemoryBlockFile } from '../helpers/memory-file.js'
 import { type FileChange, type RecordedEvent, RecordingFile } from '../helpers/recording-file.js'
 import { type QemuTools, convertToRaw, qemuImg, qemuIo } from '../helpers/qemu.js'
@@ -82,6 +82,8 @@ export interface Workload {
   run(d: Driver): Promise<void>
   /** Throws if the recording does not show what the workload is meant to exercise. */
   exercised(rec: Recording): void
+  /** Open options besides read-write (compressed writes). */
+  open?: Pick<OpenOptions, 'compress'>
 }
 
 // ---- seeded randomness ----
@@ -267,7 +269,7 @@ export async function recordWorkload(tools: QemuTools, workload: Workload, dir: 
 
   const memory = MemoryBlockFile.fromBytes(imagePath, initialBytes)
   const file = new RecordingFile(memory)
-  const img = Qcow2Image.openFile(file, imagePath, { readOnly: false })
+  const img = Qcow2Image.openFile(file, imagePath, { readOnly: false, ...workload.open })
   const driver = new Driver(img, file, initialModel, makeRandom(workload.seed))
   try {
     await workload.run(driver)
@@ -731,6 +733,49 @@ export const workloads: Workload[] = [
     },
     exercised(rec) {
       need(rec.headerAfter.virtualSize === 3 * MiB, rec, 'the final size')
+    },
+  },
+  {
+    name: 'compressed writes (mount -o compress): whole and staged clusters, rewrites, zero writes, a shrink',
+    seed: 0xc0c2,
+    open: { compress: { stagingBytes: 4 * 65536 } },
+    async make(tools, dir) {
+      const image = path.join(dir, 'compress-writes.qcow2')
+      await create(tools, image, ['cluster_size=65536'], 3 * MiB)
+      return { imagePath: image }
+    },
+    async run(d) {
+      const cs = d.clusterSize
+      // Compressible and different every time (so every write changes what a cluster holds).
+      const text = (length: number): Buffer => {
+        const out = Buffer.alloc(length)
+        const salt = d.random.between(1, 200)
+        for (let i = 0; i < length; i++) out[i] = 0x20 + (((i >> 5) * salt + (i & 0x3f)) % 90)
+        return out
+      }
+      for (let i = 0; i < 40; i++) {
+        const r = d.random.float()
+        const cluster = d.random.int(d.size / cs)
+        if (r < 0.35) {
+          await d.write(cluster * cs, text(cs)) // a whole fresh cluster: compressed
+        } else if (r < 0.6) {
+          // A cluster written 16 KiB at a time: staged, then compressed.
+          for (let piece = 0; piece < 4; piece++) await d.write(cluster * cs + piece * 16 * KiB, text(16 * KiB))
+        } else if (r < 0.75) {
+          await d.write(cluster * cs + d.random.int(cs - 4 * KiB), text(d.random.between(1, 4 * KiB))) // partial: staged or rewrite
+        } else if (r < 0.85) {
+          await d.writeZeroes(cluster * cs, cs)
+        } else {
+          await d.randomOp({ maxBytes: 24 * KiB, zeroShare: 0.3 })
+        }
+        if (d.random.float() < 0.25) await d.flush()
+      }
+      await d.flush()
+      await d.resize(2 * MiB + 512)
+      for (let i = 0; i < 6; i++) await d.write(d.random.int(d.size / cs) * cs, text(cs))
+    },
+    exercised(rec) {
+      need(countTag(rec, 'compressed') >= 10, rec, 'compressed-data writes from the compressed-write cache')
     },
   },
 ]
