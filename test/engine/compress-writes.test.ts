@@ -483,6 +483,43 @@ describe.skipIf(!qemu)('compressed writes', () => {
     await expectValid(p, model)
   })
 
+  test('concurrent writes, zero writes, reads and flushes in flight at once end as the writes in issue order', async () => {
+    const p = await image(32 * CS)
+    const { image: img } = openCompressed(p, { stagingBytes: 4 * CS, maxJobs: 3 })
+    const model = Buffer.alloc(32 * CS)
+    let x = 7
+    const rand = (n: number) => {
+      x = (x * 1103515245 + 12345) >>> 0
+      return x % n
+    }
+    const pending: Promise<unknown>[] = []
+    for (let i = 0; i < 300; i++) {
+      const cluster = rand(32)
+      const kind = rand(10)
+      if (kind < 4) {
+        const data = clusterData(i)
+        data.copy(model, cluster * CS)
+        pending.push(img.write(data, cluster * CS))
+      } else if (kind < 7) {
+        const offset = cluster * CS + rand(CS - 8 * 1024)
+        const data = Buffer.alloc(1 + rand(8 * 1024), 0x41 + (i % 26))
+        data.copy(model, offset)
+        pending.push(img.write(data, offset))
+      } else if (kind < 8) {
+        model.fill(0, cluster * CS, (cluster + 1) * CS)
+        pending.push(img.writeZeroes(cluster * CS, CS))
+      } else if (kind < 9) {
+        pending.push(img.read(Buffer.alloc(3 * CS), Math.min(cluster, 29) * CS))
+      } else {
+        pending.push(img.flush())
+      }
+    }
+    await Promise.all(pending)
+    expect((await readAll(img)).equals(model)).toBe(true)
+    await img.close()
+    await expectValid(p, model)
+  })
+
   test('WC-11: fsync writes compressed data, then metadata; a fresh open sees everything fsynced', async () => {
     const p = await image(16 * CS)
     const { image: img, file } = openCompressed(p)
