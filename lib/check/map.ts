@@ -357,12 +357,10 @@ class Qcow2Layer implements Layer {
       status.offset = run.hostOffset
       status.filename = this.#dataFile ? this.#dataFilename! : this.#filename
     }
-    if (data && !zero && offsetValid && (this.#dataFile !== undefined || this.#hasMetadataPreallocation())) {
-      // The data cluster may be a hole of the file holding it: ask that file (an external data
-      // file always, as QEMU does; the image file when it has preallocated metadata).
-      const holder = this.#dataFile ?? this.#file
-      this.#fileExtents ??= new FileExtents(holder)
-      const f = fileStatus(holder, this.#fileExtents, run.hostOffset, length)
+    if (data && !zero && offsetValid && this.#dataFile === undefined && this.#hasMetadataPreallocation()) {
+      // The data cluster may be a hole of the image file: ask the file.
+      this.#fileExtents ??= new FileExtents(this.#file)
+      const f = fileStatus(this.#file, this.#fileExtents, run.hostOffset, length)
       if (f.eof && (f.bytes === 0 || f.zero)) {
         status.zero = true
       } else {

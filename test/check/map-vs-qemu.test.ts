@@ -53,11 +53,14 @@ function ourMaps(cwd: string, image: string): { json: string; human: { text: str
   return { json: formatMapJson(entries), human: formatMapHuman(entries), entries }
 }
 
-function expectSameMaps(cwd: string, image: string, options: { exactHoles?: boolean } = {}): void {
+function expectSameMaps(cwd: string, image: string, options: { exactHoles?: boolean; hostHoles?: boolean } = {}): void {
   const theirs = qemuMaps(cwd, image)
   const ours = ourMaps(cwd, image)
   const holeHint = '"zero": true, "data": true'
-  const qemuSawHoles = !CAN_ASK_HOLES && (theirs.json.includes(holeHint) || ours.json.includes(holeHint))
+  // hostHoles: the holes of a committed external data file depend on how the checkout wrote
+  // it; qemu-img reports them as hole hints and our map does not ask the data file (a known
+  // difference), so such fixtures are compared without hole hints.
+  const qemuSawHoles = (!CAN_ASK_HOLES || options.hostHoles === true) && (theirs.json.includes(holeHint) || ours.json.includes(holeHint))
   if (qemuSawHoles && options.exactHoles !== true) {
     expect(withoutDataHoles(ours.json), `${image}: JSON without hole hints`).toBe(withoutDataHoles(theirs.json))
   } else {
@@ -335,7 +338,7 @@ describe.skipIf(!qemu)('qcow2fs map against qemu-img map', () => {
     it(`fixture ${entry.file}`, () => {
       const cwd = path.join(FIXTURES_DIR, path.dirname(entry.file))
       const image = path.basename(entry.file)
-      expectSameMaps(cwd, image)
+      expectSameMaps(cwd, image, { hostHoles: image.startsWith('datafile') })
     })
   }
 

@@ -37,7 +37,8 @@ describe.skipIf(!qemu)('qcow2fs map (CLI) against qemu-img map', () => {
     ['', 'chain/top.qcow2'],
     ['chain', 'mid.qcow2'],
     ['images', 'el2-c16k.qcow2'],
-    ['images', 'datafile.qcow2'],
+    // images/datafile.qcow2 is compared in test/check/map-vs-qemu.test.ts without hole hints:
+    // the holes of its committed data file depend on the checkout.
     ['', 'images/zlib.qcow2'],
   ] as const) {
     it(`${image} (from fixtures/${cwd})`, () => {
