@@ -87,9 +87,13 @@ export type Reporter = (line: string) => void
 
 /** Host clusters the in-memory table may track beyond the file (a reference just past its end). */
 const EXTRA_CLUSTERS = 2
-/** Work budget: table bytes walked, at most this many times the file size, plus a constant. */
-const WORK_BUDGET_FILE_MULTIPLE = 16
-const WORK_BUDGET_CONSTANT_BYTES = 256 * 1024 * 1024
+/**
+ * Work budget: table bytes walked, at most this many times the file size, plus a constant.
+ * Sound images need under 3 times (each L2 table walked for the active L1, the snapshots and
+ * the COPIED check; each distinct L1 table once).
+ */
+const WORK_BUDGET_FILE_MULTIPLE = 8
+const WORK_BUDGET_CONSTANT_BYTES = 16 * 1024 * 1024
 
 /** 64-bit value given as halves, in lowercase hex without leading zeros (C's %" PRIx64). */
 export function hexU64(hi: number, lo: number): string {
@@ -181,7 +185,7 @@ export class CheckPass {
   inc(hostOffset: number, bytes: number, times = 1): void {
     if (bytes <= 0 || times <= 0) return
     const cs = this.#g.clusterSize
-    if (hostOffset + bytes - this.layout.fileSize >= cs) {
+    if (hostOffset < 0 || !Number.isSafeInteger(hostOffset) || hostOffset + bytes - this.layout.fileSize >= cs) {
       this.report(
         'ERROR: counting reference for region exceeding the end of the file by one cluster or more: ' +
           `offset 0x${hexNumber(hostOffset)} size 0x${hexNumber(bytes)}`,

@@ -73,6 +73,11 @@ interface LayerStatus {
 interface Layer {
   /** The guest length QEMU gives the layer (whole 512-byte sectors). */
   readonly length: number
+  /**
+   * How many extents this layer can contribute to a map, at most, when its tables are sound
+   * (each L1 entry, each subcluster run of an L2 entry in the file, each 4 KiB block).
+   */
+  readonly extentBound: number
   readonly backing: Layer | undefined
   status(guestOffset: number, bytes: number): LayerStatus
   close(): void
@@ -158,6 +163,7 @@ function extentAtLimited(extents: FileExtents, hostOffset: number, limit: number
 /** A raw backing file: its data and holes, with their file offsets. */
 class RawLayer implements Layer {
   readonly length: number
+  readonly extentBound: number
   readonly backing = undefined
   readonly #file: BlockFile
   readonly #filename: string
@@ -167,6 +173,7 @@ class RawLayer implements Layer {
     this.#file = file
     this.#filename = filename
     this.length = Math.ceil(file.size / SECTOR_SIZE) * SECTOR_SIZE
+    this.extentBound = Math.ceil(file.size / HOLE_BLOCK_BYTES) + 2
     this.#extents = new FileExtents(file)
   }
 
@@ -189,6 +196,7 @@ function combinePath(base: string, name: string): string {
 
 class Qcow2Layer implements Layer {
   readonly length: number
+  readonly extentBound: number
   readonly backing: Layer | undefined
   readonly #file: BlockFile
   readonly #filename: string
@@ -217,6 +225,9 @@ class Qcow2Layer implements Layer {
     const h = init.layout.header
     this.length = Math.floor(h.virtualSize / SECTOR_SIZE) * SECTOR_SIZE
     this.#l1 = readPadded(init.file, h.l1TableOffset, h.l1Size * TABLE_ENTRY_SIZE)
+    const entriesInFile = Math.ceil(init.file.size / init.layout.geometry.l2EntrySize)
+    const perEntry = init.layout.geometry.extendedL2 ? SUBCLUSTERS_PER_CLUSTER : 1
+    this.extentBound = 2 * h.l1Size + perEntry * entriesInFile + Math.ceil(init.file.size / HOLE_BLOCK_BYTES) + 2
   }
 
   close(): void {
@@ -478,12 +489,19 @@ function mergeable(curr: MapEntry, next: MapEntry): boolean {
 export function mapImage(imagePath: string, displayName = imagePath, options: { lock?: boolean } = {}): MapEntry[] {
   const top = openLayer(imagePath, displayName, undefined, options.lock === false ? 'none' : 'read')
   try {
+    // Sound tables give at most this many extents; more means L2 tables shared between L1
+    // entries (a damaged or hostile image), which would make the walk run for hours.
+    let stepsLeft = 1000
+    for (let layer: Layer | undefined = top; layer !== undefined; layer = layer.backing) stepsLeft += 2 * layer.extentBound
     const entries: MapEntry[] = []
     let curr: MapEntry = { start: 0, length: 0, depth: 0, present: false, zero: false, data: false }
     while (curr.start + curr.length < top.length) {
       const guestOffset = curr.start + curr.length
       const next = blockStatus(top, guestOffset, Math.min(MAP_CHUNK_BYTES, top.length - guestOffset))
       if (next.length <= 0) throw new CorruptImageError(`'${displayName}': no progress mapping offset ${guestOffset}`)
+      if (--stepsLeft < 0) {
+        throw new CorruptImageError(`'${displayName}': its L2 tables are referenced more often than its files can hold; the map stops at offset ${guestOffset}`)
+      }
       if (mergeable(curr, next)) {
         curr.length += next.length
         continue

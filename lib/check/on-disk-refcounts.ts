@@ -48,11 +48,18 @@ export class OnDiskRefcounts {
     return this.#table.length / TABLE_ENTRY_SIZE
   }
 
-  /** The refcount block offset of table entry `tableIndex` (reserved bits masked off). */
+  /**
+   * The refcount block offset of table entry `tableIndex` (reserved bits masked off). An offset
+   * past 2^53 (far outside any file) comes out as one just below 2^53 with the same offset
+   * into its cluster, so that it is still outside the image, and aligned exactly when it is.
+   */
   blockOffset(tableIndex: number): number {
     if (tableIndex >= this.tableEntries) return 0
     const at = tableIndex * TABLE_ENTRY_SIZE
-    return reftableEntryOffset(this.#view.getUint32(at), this.#view.getUint32(at + 4))
+    const hi = this.#view.getUint32(at)
+    const lo = this.#view.getUint32(at + 4)
+    if (hi >= 0x200000) return 2 ** 53 - this.#g.clusterSize + (reftableEntryOffset(0, lo) % this.#g.clusterSize)
+    return reftableEntryOffset(hi, lo)
   }
 
   /** True if table entry `tableIndex` has reserved bits (0-8) set. */

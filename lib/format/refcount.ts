@@ -87,7 +87,10 @@ export function setRefcount(block: Uint8Array, index: number, refcountOrder: num
   }
 }
 
-/** Refcount block offset of a refcount table entry (halves); 0 = no block. */
+/**
+ * Refcount block offset of a refcount table entry (halves); 0 = no block. Offsets past 2^53
+ * come out rounded (such a block lies far past any file).
+ */
 export function reftableEntryOffset(hi: number, lo: number): number {
-  return (hi & REFT_OFFSET_MASK_HI) * TWO_POW_32 + ((lo & REFT_OFFSET_MASK_LO) >>> 0)
+  return ((hi & REFT_OFFSET_MASK_HI) >>> 0) * TWO_POW_32 + ((lo & REFT_OFFSET_MASK_LO) >>> 0)
 }

@@ -28,6 +28,7 @@ import { NodeBlockFile } from '../../lib/io/block-file.js'
 import { FIXTURES_DIR, loadManifest } from '../helpers/fixtures.js'
 import { makeTempDir, removeTempDir, requireQemu } from '../helpers/qemu.js'
 import { xorshift32 } from '../helpers/random.js'
+import { readL1Entry, writeL1Entry } from '../helpers/damage.js'
 
 const qemu = requireQemu('qcow2fs map vs qemu-img map')
 
@@ -305,6 +306,16 @@ built.push({
     img('create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', 'pm.qcow2', '4M')
     io('pm.qcow2', ['write -P 1 0 4k', 'write -P 2 1M 100k'])
     return ['pm.qcow2']
+  },
+})
+built.push({
+  name: 'an L2 table shared by two L1 entries (damaged, still mapped as qemu-img maps it)',
+  build() {
+    img('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', 'shared-l2.qcow2', '8M')
+    io('shared-l2.qcow2', ['write -P 1 0 64k', 'write -z 128k 8k', 'write -P 2 4M 12k'])
+    const p = path.join(dir, 'shared-l2.qcow2')
+    writeL1Entry(p, 3, readL1Entry(p, 0))
+    return ['shared-l2.qcow2']
   },
 })
 built.push({

@@ -8,7 +8,7 @@ import { copyFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { spawn, spawnSync } from 'node:child_process'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { readHeader, readL1Entry, writeL1Entry, writeL2Entry, readL2Entry } from '../helpers/damage.js'
+import { readHeader, readL1Entry, readL2Entry, writeBytes, writeL1Entry, writeL2Entry } from '../helpers/damage.js'
 import { FIXTURES_DIR } from '../helpers/fixtures.js'
 import { requireQemu } from '../helpers/qemu.js'
 import { ensureBuilt, makeTempDir, removeTempDir, runCli, sha256File, stderrLines } from './helpers.js'
@@ -75,6 +75,29 @@ describe.skipIf(!qemu)('qcow2fs map (CLI) against qemu-img map', () => {
     } finally {
       holder.kill('SIGKILL')
     }
+  })
+
+  it('a hostile image (every L1 entry names one L2 table of alternating entries) stops within seconds', () => {
+    // 512-byte clusters: 4096 L1 entries cover 128 MiB, each through the same L2 table whose
+    // 64 entries alternate data and zero clusters: 262144 extents from a 2 MiB file. Sound
+    // tables could give at most a few thousand; the map stops with one line, exit 1.
+    const p = join(dir, 'hostile-map.qcow2')
+    spawnSync(qemu!.qemuImg, ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', p, '128M'])
+    spawnSync(qemu!.qemuIo, ['-f', 'qcow2', '-c', 'write -P 1 0 512', p])
+    const l2 = readL1Entry(p, 0)
+    const l1 = Buffer.alloc(4096 * 8)
+    for (let i = 0; i < 4096; i++) l1.writeBigUInt64BE(l2, i * 8)
+    const data = readL2Entry(p, 0).descriptor
+    const table = Buffer.alloc(512)
+    for (let i = 0; i < 64; i++) table.writeBigUInt64BE(i % 2 === 0 ? data : 1n, i * 8)
+    writeBytes(p, Number(l2 & 0x00ff_ffff_ffff_fe00n), table)
+    writeBytes(p, readHeader(p).l1TableOffset, l1)
+    const started = Date.now()
+    const r = runCli(['map', '--json', p], { timeoutMs: 30_000 })
+    expect(Date.now() - started).toBeLessThan(10_000)
+    expect(r.status).toBe(1)
+    expect(stderrLines(r)).toHaveLength(1)
+    expect(r.stderr).toMatch(/L2 tables are referenced more often than its files can hold/)
   })
 
   it('usage errors exit 2; unreadable images and metadata exit 1, one line each', () => {
