@@ -612,12 +612,12 @@ export class CheckPass {
    * v3 snapshot table entries without the 16 bytes of extra data every v3 entry needs. Returns
    * their number (corruptions, kept apart from the refcount counts as QEMU keeps them).
    */
-  checkSnapshotTable(): number {
+  checkSnapshotTable(fix: FixFlags = NO_FIX): number {
     const { header, snapshots } = this.layout
     let incomplete = 0
     snapshots.forEach((snapshot, i) => {
       if (!snapshotEntryIncomplete(header, snapshot)) return
-      this.report(`ERROR snapshot table entry ${i} is incomplete`)
+      this.report(`${fix.errors ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`)
       incomplete++
     })
     return incomplete

@@ -8,6 +8,8 @@
  *    plain zero clusters; when the structure is broken, a new refcount structure is built from
  *    the references (see rebuildRefcountStructure), then the old structure's clusters, now
  *    leaked, are freed in the new one.
+ *  - all, last: a snapshot table with v3 entries lacking their 16 bytes of extra data is written
+ *    anew (lib/check/snapshot-table.ts).
  *  - both: COPIED flags are set to match the refcounts (with `leaks` only when nothing else is
  *    left wrong), and after a repair that leaves no corruption and no check error, the dirty
  *    and corrupt header bits are cleared.
@@ -19,8 +21,7 @@
  * freed after the switch. L2 and L1 entries are fixed (COPIED, zeroed entries) only after the
  * refcounts they depend on are durable.
  *
- * Not repaired (counted, left as they are): v3 snapshot table entries with too little extra
- * data (QEMU rewrites the snapshot table), misaligned data clusters, entries with reserved
+ * Not repaired (counted, left as they are): misaligned data clusters, entries with reserved
  * bits, invalid subcluster bitmaps and compressed descriptors (QEMU does not fix these either).
  */
 import { HeaderOffset, INCOMPAT_CORRUPT_BIT, INCOMPAT_DIRTY_BIT, MAX_REFCOUNT_TABLE_BYTES, QCOW_VERSION_3, TABLE_ENTRY_SIZE } from '../format/constants.js'
@@ -29,6 +30,7 @@ import { refcountBlockEntries, setRefcount } from '../format/refcount.js'
 import type { BlockFile } from '../io/block-file.js'
 import { type CheckCounts, CheckPass, NO_FIX, type Reporter, checkImage } from './check.js'
 import { CheckFailedError, readPadded } from './layout.js'
+import { rewriteSnapshotTable } from './snapshot-table.js'
 
 export type RepairMode = 'leaks' | 'all'
 
@@ -52,7 +54,7 @@ export function repairImage(file: BlockFile, imagePath: string, mode: RepairMode
   if (!file.writable) throw new CheckFailedError(`'${imagePath}' is open read-only and cannot be repaired`)
   const fix = { leaks: true, errors: mode === 'all' }
   const pass = new CheckPass(file, imagePath, report)
-  const snapshotCorruptions = pass.checkSnapshotTable()
+  const snapshotCorruptions = pass.checkSnapshotTable(fix)
   pass.calculate(fix)
   const preCompare = { ...pass.counts }
   pass.compare(NO_FIX)
@@ -92,7 +94,13 @@ export function repairImage(file: BlockFile, imagePath: string, mode: RepairMode
   const c = copiedPass.counts
   copiedPass.checkCopied(fix.errors || (c.checkErrors === 0 && c.corruptions === 0 && c.leaks === 0))
   counts = { ...copiedPass.counts }
-  counts.corruptions += snapshotCorruptions
+  if (snapshotCorruptions > 0 && fix.errors) {
+    // Incomplete snapshot entries: the table is written anew, now that refcounts are right.
+    rewriteSnapshotTable(file, imagePath)
+    counts.corruptionsFixed += snapshotCorruptions
+  } else {
+    counts.corruptions += snapshotCorruptions
+  }
   let headerBitsCleared = false
   if (counts.checkErrors === 0 && counts.corruptions === 0) headerBitsCleared = clearDirtyAndCorruptBits(file)
   const repairPass = { ...counts }

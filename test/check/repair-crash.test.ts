@@ -19,7 +19,17 @@ import { HeaderOffset } from '../../lib/format/constants.js'
 import { Qcow2Image } from '../../lib/image.js'
 import { MemoryBlockFile } from '../helpers/memory-file.js'
 import { RecordingFile, replayChanges } from '../helpers/recording-file.js'
-import { DIRTY_BIT, appendCluster, hostClusterOf, readHeader, readL2Entry, setIncompatibleBits, setRefcount, writeBigEndian } from '../helpers/damage.js'
+import {
+  DIRTY_BIT,
+  appendCluster,
+  hostClusterOf,
+  readHeader,
+  readL2Entry,
+  setIncompatibleBits,
+  setRefcount,
+  shrinkFirstSnapshotExtraData,
+  writeBigEndian,
+} from '../helpers/damage.js'
 import { makeTempDir, removeTempDir, requireQemu } from '../helpers/qemu.js'
 
 const qemu = requireQemu('repair crash safety')
@@ -45,6 +55,8 @@ function guestBytes(file: MemoryBlockFile, name: string): Buffer {
 
 interface CrashCase {
   name: string
+  /** The image damaged (default base.qcow2). */
+  base?: string
   damage(image: string): void
 }
 
@@ -80,6 +92,11 @@ const crashCases: CrashCase[] = [
     },
   },
   {
+    name: 'snapshot table entry without its extra data (the table is rewritten)',
+    base: 'snap-base.qcow2',
+    damage: (image) => shrinkFirstSnapshotExtraData(image, 8),
+  },
+  {
     name: 'dirty lazy-refcounts image with refcounts never written',
     damage: (image) => {
       setRefcount(image, dataCluster(image, 0), 0)
@@ -94,6 +111,10 @@ describe.skipIf(!qemu)('repair crash safety', () => {
     dir = await makeTempDir('repair-crash')
     run(qemu!.qemuImg, ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,lazy_refcounts=on', 'base.qcow2', '2M'])
     run(qemu!.qemuIo, ['-f', 'qcow2', '-c', 'write -P 1 0 64k', '-c', 'write -P 2 1M 12k', '-c', 'write -c -P 3 512k 4k', 'base.qcow2'])
+    run(qemu!.qemuImg, ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', 'snap-base.qcow2', '2M'])
+    run(qemu!.qemuIo, ['-f', 'qcow2', '-c', 'write -P 1 0 64k', 'snap-base.qcow2'])
+    run(qemu!.qemuImg, ['snapshot', '-c', 'one', 'snap-base.qcow2'])
+    run(qemu!.qemuIo, ['-f', 'qcow2', '-c', 'write -P 2 8k 8k', 'snap-base.qcow2'])
   })
   afterAll(async () => {
     if (dir) await removeTempDir(dir)
@@ -102,7 +123,7 @@ describe.skipIf(!qemu)('repair crash safety', () => {
   for (const c of crashCases) {
     it(c.name, () => {
       const imagePath = path.join(dir, `${c.name.replace(/[^a-z0-9]+/gi, '-')}.qcow2`)
-      copyFileSync(path.join(dir, 'base.qcow2'), imagePath)
+      copyFileSync(path.join(dir, c.base ?? 'base.qcow2'), imagePath)
       const guest = guestBytes(MemoryBlockFile.fromFile(imagePath), 'base.qcow2')
       c.damage(imagePath)
       const damagedBytes = readFileSync(imagePath)

@@ -10,6 +10,8 @@
  *   writeBytes / writeBigEndian              raw pokes
  *   setIncompatibleBits(image, mask)         ORs bits into incompatible_features
  *   appendCluster(image)                     grows the file by one cluster; returns its index
+ *   shrinkFirstSnapshotExtraData(image, n)   keeps n bytes of snapshot 0's extra data (the
+ *                                            entries after it move up)
  *
  * Everything is read from the file on every call: tests poke and re-check between calls.
  */
@@ -194,4 +196,22 @@ export function appendCluster(imagePath: string): number {
   const clusters = Math.ceil(fs.statSync(imagePath).size / clusterSize)
   fs.truncateSync(imagePath, (clusters + 1) * clusterSize)
   return clusters
+}
+
+/**
+ * Cuts the extra data of the first snapshot table entry to `keepBytes` (below the 16 bytes a
+ * version 3 entry needs), moving the rest of the table up as a writer of such entries would
+ * have laid it out.
+ */
+export function shrinkFirstSnapshotExtraData(imagePath: string, keepBytes: number): void {
+  const h = readHeader(imagePath)
+  if (h.snapshotCount === 0) throw new Error('no snapshots')
+  withFd(imagePath, 'r+', (fd) => {
+    const table = readAt(fd, h.snapshotsOffset, h.clusterSize)
+    const extra = table.readUInt32BE(36)
+    if (keepBytes > extra) throw new Error(`entry 0 has only ${extra} bytes of extra data`)
+    table.writeUInt32BE(keepBytes, 36)
+    const shifted = Buffer.concat([table.subarray(0, 40 + keepBytes), table.subarray(40 + extra), Buffer.alloc(extra - keepBytes)])
+    fs.writeSync(fd, shifted, 0, shifted.length, h.snapshotsOffset)
+  })
 }
