@@ -85,6 +85,43 @@ export const NO_FIX: FixFlags = { leaks: false, errors: false }
 /** Receives one line per problem found (qemu-img's wording), in the order found. */
 export type Reporter = (line: string) => void
 
+/**
+ * What a reference to a host cluster is for, to name the structures that share a cluster when
+ * they should not (an L2 table over the refcount table, data over an L1 table...).
+ */
+export const ClusterUse = {
+  HEADER: 1,
+  L1: 2,
+  L2: 3,
+  DATA: 4,
+  COMPRESSED: 5,
+  SNAPSHOT_TABLE: 6,
+  REFCOUNT_TABLE: 7,
+  REFCOUNT_BLOCK: 8,
+  BITMAP_DIRECTORY: 9,
+  BITMAP_TABLE: 10,
+  BITMAP_DATA: 11,
+} as const
+export type ClusterUse = (typeof ClusterUse)[keyof typeof ClusterUse]
+
+const useNames: Record<ClusterUse, string> = {
+  1: 'the header',
+  2: 'an L1 table',
+  3: 'an L2 table',
+  4: 'guest data',
+  5: 'compressed guest data',
+  6: 'the snapshot table',
+  7: 'the refcount table',
+  8: 'a refcount block',
+  9: 'the bitmap directory',
+  10: 'a bitmap table',
+  11: 'bitmap data',
+}
+
+function isMetadata(use: ClusterUse): boolean {
+  return use !== ClusterUse.DATA && use !== ClusterUse.COMPRESSED && use !== ClusterUse.BITMAP_DATA
+}
+
 /** Host clusters the in-memory table may track beyond the file (a reference just past its end). */
 const EXTRA_CLUSTERS = 2
 /**
@@ -127,6 +164,10 @@ export class CheckPass {
   clusterCount: number
   /** A refcount structure problem that only a rebuild fixes (QEMU's `rebuild`). */
   rebuild = false
+  /** The first use counted for each host cluster (ClusterUse; 0: none). */
+  #uses: Uint8Array
+  /** Clusters with metadata sharing them with another use: the other uses seen. */
+  #overlaps = new Map<number, Set<ClusterUse>>()
   #file: BlockFile
   #imagePath: string
   #g: Geometry
@@ -146,6 +187,7 @@ export class CheckPass {
     this.onDisk = new OnDiskRefcounts(file, this.#g, this.layout.refcountTable, h.refcountOrder)
     this.clusterCount = Math.ceil(this.layout.fileSize / this.#g.clusterSize)
     this.computed = new Uint32Array(this.clusterCount + EXTRA_CLUSTERS)
+    this.#uses = new Uint8Array(this.clusterCount + EXTRA_CLUSTERS)
     this.#maxComputed = Math.min(this.onDisk.maxRefcount, 0xffffffff)
     this.#workLeft = WORK_BUDGET_FILE_MULTIPLE * this.layout.fileSize + WORK_BUDGET_CONSTANT_BYTES
     const sectors = Math.floor(h.virtualSize / SECTOR_SIZE)
@@ -182,7 +224,7 @@ export class CheckPass {
    * Counts `times` references to every cluster of [hostOffset, hostOffset + bytes) (QEMU's
    * qcow2_inc_refcounts_imrt, with a multiplicity).
    */
-  inc(hostOffset: number, bytes: number, times = 1): void {
+  inc(hostOffset: number, bytes: number, times = 1, use: ClusterUse = ClusterUse.DATA): void {
     if (bytes <= 0 || times <= 0) return
     const cs = this.#g.clusterSize
     if (hostOffset < 0 || !Number.isSafeInteger(hostOffset) || hostOffset + bytes - this.layout.fileSize >= cs) {
@@ -197,6 +239,14 @@ export class CheckPass {
     const last = Math.floor((hostOffset + bytes - 1) / cs)
     for (let cluster = first; cluster <= last; cluster++) {
       if (cluster >= this.clusterCount) this.clusterCount = cluster + 1
+      const firstUse = this.#uses[cluster]! as ClusterUse | 0
+      if (firstUse === 0) {
+        this.#uses[cluster] = use
+      } else if (firstUse !== use && (isMetadata(firstUse) || isMetadata(use))) {
+        const others = this.#overlaps.get(cluster) ?? new Set<ClusterUse>()
+        others.add(use)
+        this.#overlaps.set(cluster, others)
+      }
       const current = this.computed[cluster]!
       const room = this.#maxComputed - current
       if (times <= room) {
@@ -222,7 +272,7 @@ export class CheckPass {
   calculate(fix: FixFlags): void {
     const { header, snapshots } = this.layout
     const cs = this.#g.clusterSize
-    this.inc(0, cs)
+    this.inc(0, cs, 1, ClusterUse.HEADER)
     this.#checkL1Tables([{ hostOffset: header.l1TableOffset, entries: header.l1Size }], true, fix)
     if (this.layout.externalDataFile && snapshots.length > 0) {
       this.report(`ERROR ${snapshots.length} snapshots in image with data file`)
@@ -249,8 +299,8 @@ export class CheckPass {
       snapshotL1s.push({ hostOffset: sn.l1TableOffset, entries: sn.l1Size })
     }
     this.#checkL1Tables(snapshotL1s, false, fix)
-    this.inc(header.snapshotsOffset, this.layout.snapshotTableBytes)
-    this.inc(header.refcountTableOffset, header.refcountTableClusters * cs)
+    this.inc(header.snapshotsOffset, this.layout.snapshotTableBytes, 1, ClusterUse.SNAPSHOT_TABLE)
+    this.inc(header.refcountTableOffset, header.refcountTableClusters * cs, 1, ClusterUse.REFCOUNT_TABLE)
     this.#countBitmaps()
     this.#checkRefcountBlocks(fix)
   }
@@ -272,7 +322,7 @@ export class CheckPass {
     const cs = this.#g.clusterSize
     for (const { hostOffset, entries, times } of byPlace.values()) {
       const bytes = entries * TABLE_ENTRY_SIZE
-      this.inc(hostOffset, bytes, times)
+      this.inc(hostOffset, bytes, times, ClusterUse.L1)
       // Past the end of the file the table reads as zeros: no entries to walk.
       const inFile = Math.max(0, Math.min(bytes, this.layout.fileSize - hostOffset))
       if (inFile === 0) continue
@@ -288,7 +338,7 @@ export class CheckPass {
           this.counts.corruptions += times
         }
         const l2Offset = l1EntryL2Offset(hi, lo)
-        this.inc(l2Offset, cs, times)
+        this.inc(l2Offset, cs, times, ClusterUse.L2)
         if (l2Offset % cs !== 0) {
           this.report(`ERROR l2_offset=${hexNumber(l2Offset)}: Table is not cluster aligned; L1 entry corrupted`)
           this.counts.corruptions += times
@@ -354,7 +404,7 @@ export class CheckPass {
             )
             this.counts.corruptions += times
           } else {
-            this.inc(descriptor.hostOffset, descriptor.compressedSize, times)
+            this.inc(descriptor.hostOffset, descriptor.compressedSize, times, ClusterUse.COMPRESSED)
           }
           if (fragInfo) {
             this.counts.allocatedClusters += times
@@ -430,10 +480,10 @@ export class CheckPass {
     const bitmaps = this.layout.bitmaps
     if (bitmaps === undefined) return
     const cs = this.#g.clusterSize
-    this.inc(bitmaps.directoryOffset, bitmaps.directorySize)
+    this.inc(bitmaps.directoryOffset, bitmaps.directorySize, 1, ClusterUse.BITMAP_DIRECTORY)
     for (const bitmap of bitmaps.list) {
       const bytes = bitmap.tableEntries * TABLE_ENTRY_SIZE
-      this.inc(bitmap.tableOffset, bytes)
+      this.inc(bitmap.tableOffset, bytes, 1, ClusterUse.BITMAP_TABLE)
       const inFile = Math.max(0, Math.min(bytes, this.layout.fileSize - bitmap.tableOffset))
       if (inFile === 0 || !this.#spend(inFile)) continue
       const table = readPadded(this.#file, bitmap.tableOffset, inFile)
@@ -449,7 +499,7 @@ export class CheckPass {
           this.counts.corruptions++
           continue
         }
-        if (hostOffset !== 0) this.inc(hostOffset, cs)
+        if (hostOffset !== 0) this.inc(hostOffset, cs, 1, ClusterUse.BITMAP_DATA)
       }
     }
   }
@@ -480,7 +530,7 @@ export class CheckPass {
         continue
       }
       if (blockOffset !== 0) {
-        this.inc(blockOffset, cs)
+        this.inc(blockOffset, cs, 1, ClusterUse.REFCOUNT_BLOCK)
         const references = this.computed[cluster]!
         if (references !== 1) {
           this.report(`ERROR refcount block ${tableIndex} refcount=${references}`)
@@ -509,6 +559,7 @@ export class CheckPass {
       }
       const references = this.computed[cluster]!
       if (stated > 0 || references > 0) highest = cluster
+      this.#explainOverlap(cluster)
       if (stated === references) continue
       let fixAs: 'leak' | 'corruption' | undefined
       if (stated === 0) this.rebuild = true
@@ -528,6 +579,18 @@ export class CheckPass {
     }
     if (this.onDisk.flush()) this.#file.sync()
     this.counts.imageEndOffset = (highest + 1) * this.#g.clusterSize
+  }
+
+  /**
+   * One line naming the structures that share a cluster, when metadata is among them (not
+   * counted: the reference count of the cluster already is). Printed before the cluster's
+   * refcount line.
+   */
+  #explainOverlap(cluster: number): void {
+    const others = this.#overlaps.get(cluster)
+    if (others === undefined) return
+    const uses = [this.#uses[cluster]! as ClusterUse, ...others].map((u) => useNames[u])
+    this.report(`Overlap: cluster ${cluster} is used as ${uses.slice(0, -1).join(', ')} and as ${uses[uses.length - 1]}`)
   }
 
   // ---- COPIED ---------------------------------------------------------------------------------

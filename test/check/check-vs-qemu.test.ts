@@ -264,7 +264,11 @@ const cases: Case[] = [
     name: 'L2 table overlapping the refcount table',
     base: 'std',
     damage: (image) => writeL1Entry(image, 0, COPIED | BigInt(readHeader(image).refcountTableOffset)),
-    lines: ['ERROR refcount block 0 refcount=2', 'ERROR cluster 1 refcount=1 reference=2'],
+    lines: [
+      'ERROR refcount block 0 refcount=2',
+      'Overlap: cluster 1 is used as an L2 table and as the refcount table',
+      'ERROR cluster 1 refcount=1 reference=2',
+    ],
     dataIntact: false,
   },
   {
