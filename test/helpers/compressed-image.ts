@@ -13,7 +13,8 @@ import * as path from 'node:path'
 import { type CreateOptions, createImage } from '../../lib/engine/create.js'
 import type { CompressOptions } from '../../lib/engine/compress/pipeline.js'
 import { Qcow2Image } from '../../lib/image.js'
-import { type BlockFile, NodeBlockFile, type WriteTag } from '../../lib/io/block-file.js'
+import { NodeBlockFile } from '../../lib/io/block-file.js'
+import { CountingFile } from './counting-file.js'
 import type { L2EntryOnDisk } from './l2-inspect.js'
 import { xorshift32 } from './random.js'
 
@@ -112,48 +113,9 @@ export async function newImage(imagePath: string, options: CreateOptions): Promi
   })
 }
 
-/** A BlockFile that records every write (offset, length, tag) and every sync. */
-export class RecordingWrites implements BlockFile {
-  readonly writes: { hostOffset: number; bytes: number; tag: WriteTag }[] = []
-  syncs = 0
-  /** When set, the write with this tag fails with `failure`. */
-  failOn: { tag: WriteTag; failure: Error } | undefined
-  constructor(private readonly inner: BlockFile) {}
-  get path(): string {
-    return this.inner.path
-  }
-  get size(): number {
-    return this.inner.size
-  }
-  get writable(): boolean {
-    return this.inner.writable
-  }
-  pread(buf: Uint8Array, hostOffset: number): number {
-    return this.inner.pread(buf, hostOffset)
-  }
-  pwrite(buf: Uint8Array, hostOffset: number, tag: WriteTag): void {
-    if (this.failOn && this.failOn.tag === tag) throw this.failOn.failure
-    this.writes.push({ hostOffset, bytes: buf.length, tag })
-    this.inner.pwrite(buf, hostOffset, tag)
-  }
-  sync(): void {
-    this.syncs++
-    this.inner.sync()
-  }
-  truncate(size: number): void {
-    this.inner.truncate(size)
-  }
-  allocatedBytes(): number {
-    return this.inner.allocatedBytes()
-  }
-  close(): void {
-    this.inner.close()
-  }
-}
-
-/** Opens imagePath read-write with compressed writes, on a recording file layer. */
-export function openCompressed(imagePath: string, compress: CompressOptions = {}): { image: Qcow2Image; file: RecordingWrites } {
-  const file = new RecordingWrites(NodeBlockFile.open(imagePath, { readOnly: false, lock: 'none' }))
+/** Opens imagePath read-write with compressed writes, on a counting file layer. */
+export function openCompressed(imagePath: string, compress: CompressOptions = {}): { image: Qcow2Image; file: CountingFile } {
+  const file = new CountingFile(NodeBlockFile.open(imagePath, { readOnly: false, lock: 'none' }))
   const image = Qcow2Image.openFile(file, imagePath, { readOnly: false, compress })
   return { image, file }
 }
