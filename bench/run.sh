@@ -38,6 +38,9 @@ set -euo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+LOG_TAG=bench
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench}
 REPS=${BENCH_REPS:-3}
@@ -61,83 +64,24 @@ IMAGE_BYTES=$((IMAGE_MIB * 1024 * 1024))
 # Bump when make-data.mjs or the conversion options change, so cached images are rebuilt.
 IMAGE_RECIPE="v1 size=${IMAGE_MIB}MiB cluster=64KiB"
 
-log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# ---------------------------------------------------------------------------------------------
-# Cleanup: every process started and every mount made is registered here and undone on exit,
-# whatever the exit path.
-
-PIDS=()        # server processes we started
-MOUNTS=()      # mountpoints (directories or, for qsd, regular files) that may be mounted
-QCOW2FS_MNTS=() # mountpoints to unmount with `qcow2fs unmount` first
-
-is_mounted() { findmnt -rn --mountpoint "$1" >/dev/null 2>&1; }
-
-stop_pid() {
-  local pid=$1 i
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 50); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  log "process $pid ignored SIGTERM; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local rc=$? mnt pid
-  trap - EXIT INT TERM
-  set +e
-  for mnt in "${QCOW2FS_MNTS[@]}"; do
-    if is_mounted "$mnt"; then
-      timeout 20 node "$CLI" unmount "$mnt" >>"$LOG_DIR/unmount.log" 2>&1 ||
-        log "qcow2fs unmount $mnt failed (see $LOG_DIR/unmount.log); forcing"
-    fi
-  done
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-  for mnt in "${MOUNTS[@]}"; do
-    if is_mounted "$mnt"; then
-      log "forcing unmount of $mnt"
-      fusermount -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
-    fi
-  done
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_cleanup
 
 # ---------------------------------------------------------------------------------------------
 # Preconditions
 
-[[ $(id -u) -eq 0 ]] || die "run as root: the benchmark drops the page cache and mounts FUSE filesystems"
-for tool in node npx qemu-img qemu-storage-daemon fio fusermount findmnt dd cmp; do
-  command -v "$tool" >/dev/null || die "$tool is not installed (qemu-utils, qemu-system-common, fio, fuse)"
-done
-[[ -e /dev/fuse ]] || die "/dev/fuse is missing"
-[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPS must be a positive integer"
-[[ $FIO_RUNTIME_S =~ ^[1-9][0-9]*$ ]] || die "BENCH_FIO_RUNTIME must be a positive integer"
-[[ $IMAGE_MIB =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGE_MIB must be a positive integer"
+require_root
+require_tools node npx qemu-img qemu-storage-daemon fio fusermount findmnt dd cmp
+require_positive_int BENCH_REPS "$REPS"
+require_positive_int BENCH_FIO_RUNTIME "$FIO_RUNTIME_S"
+require_positive_int BENCH_IMAGE_MIB "$IMAGE_MIB"
 
 mkdir -p "$IMAGE_DIR" "$MNT_ROOT" "$LOG_DIR" "$RESULTS_DIR"
-# A previous run that was killed hard may have left mounts behind.
-for stale in "$MNT_ROOT"/*; do
-  [[ -e $stale ]] || continue
-  if is_mounted "$stale"; then
-    log "removing stale mount $stale"
-    fusermount -uz "$stale" 2>/dev/null || umount -l "$stale" || true
-  fi
-done
-rm -rf "${MNT_ROOT:?}"/* "$LOG_DIR"/*
-
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+clear_stale_mounts "$MNT_ROOT"
+rm -rf "${MNT_ROOT:?}"/* "${LOG_DIR:?}"/*
 
 for kind in $TARGET_KINDS; do
   [[ $kind =~ ^(qcow2fs|qsd|engine|zero)$ ]] || die "unknown kind in BENCH_TARGETS: $kind"
 done
-wants() { [[ $TARGET_KINDS == *" $1 "* ]]; }
 if ! wants qcow2fs || ! wants qsd || ! wants engine || ! wants zero; then
   log "partial run (BENCH_TARGETS=$BENCH_TARGETS): docs/PERFORMANCE.md is left alone"
   UPDATE_DOC=0
@@ -150,13 +94,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Build
 
-if ! wants qcow2fs && ! wants engine; then
-  :
-elif [[ ! -f $CLI ]] || [[ -n $(find lib cli tsconfig.json -newer "$CLI" \( -name '*.ts' -o -name tsconfig.json \) 2>/dev/null | head -n 1) ]]; then
-  log "building (npx tsc -p tsconfig.json)"
-  npx tsc -p tsconfig.json
-fi
-if wants qcow2fs || wants engine; then [[ -f $CLI ]] || die "build did not produce $CLI"; fi
+if wants qcow2fs || wants engine; then build_if_stale; fi
 
 # ---------------------------------------------------------------------------------------------
 # Images
@@ -178,12 +116,7 @@ if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$IMAGE_RECIPE" ||
   # Every guest cluster must be allocated in both images, or the benchmark reads holes.
   for img in "$ALLOCATED" "$COMPRESSED"; do
     qemu-img check -q "$img" || die "qemu-img check failed for $img"
-    holes=$(qemu-img map --output=json "$img" | node -e '
-      let text = ""
-      process.stdin.on("data", (chunk) => (text += chunk)).on("end", () => {
-        const extents = JSON.parse(text)
-        console.log(extents.filter((e) => !e.data || e.zero || e.depth !== 0).length)
-      })')
+    holes=$(count_unallocated_extents "$img")
     [[ $holes -eq 0 ]] || die "$img has $holes unallocated or zero extents"
   done
   echo "$IMAGE_RECIPE" >"$IMAGE_DIR/recipe"
@@ -197,39 +130,8 @@ compressed_pct=$(qemu-img check "$COMPRESSED" 2>/dev/null | sed -n 's/.* \([0-9.
 
 TARGETS=()
 
-wait_mounted() { # MOUNTPOINT FILE PID LOGFILE WHAT
-  local mountpoint=$1 file=$2 pid=$3 logfile=$4 what=$5 rc
-  local deadline=$((SECONDS + MOUNT_TIMEOUT_S))
-  until is_mounted "$mountpoint" && [[ -e $file ]]; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      rc=0
-      wait "$pid" || rc=$?
-      if ((rc != 0)); then
-        cat "$logfile" >&2 || true
-        die "$what exited with status $rc before mounting"
-      fi
-    fi
-    ((SECONDS < deadline)) || { cat "$logfile" >&2 || true; die "$what did not mount $file within ${MOUNT_TIMEOUT_S}s"; }
-    sleep 0.1
-  done
-}
-
-# The pid of the background server that `qcow2fs mount` started for MOUNTPOINT, asked over
-# its control socket (lib/fuse/control.ts, op "status"). Not found by scanning /proc: reading
-# another process's command line blocks while that process is stuck on a hung FUSE mount.
-find_serve_pid() { # MOUNTPOINT
-  timeout 20 node --input-type=module -e '
-    const control = await import(process.argv[1] + "/dist/lib/fuse/control.js")
-    const { realpathSync } = await import("node:fs")
-    const answer = await control.sendControlRequest(control.controlSocketPath(realpathSync(process.argv[2])), { op: "status" }, 10000)
-    answer.hangUp()
-    if (!answer.reply.ok || !Number.isInteger(answer.reply.pid)) throw new Error(JSON.stringify(answer.reply))
-    console.log(answer.reply.pid)
-  ' "$ROOT" "$1"
-}
-
 start_qcow2fs() { # LABEL IMAGE
-  local label=$1 image=$2 mnt=$MNT_ROOT/qcow2fs-$1 logfile=$LOG_DIR/qcow2fs-$1.log pid stem server_pid
+  local label=$1 image=$2 mnt=$MNT_ROOT/qcow2fs-$1 logfile=$LOG_DIR/qcow2fs-$1.log pid stem server_pid launcher=
   stem=$(basename "$image" .qcow2)
   mkdir -p "$mnt"
   MOUNTS+=("$mnt")
@@ -241,19 +143,20 @@ start_qcow2fs() { # LABEL IMAGE
     node --cpu-prof --cpu-prof-dir="$WORK_DIR/profiles" --cpu-prof-name="qcow2fs-$label.cpuprofile" \
       "$CLI" mount -f $QCOW2FS_OPTS "$image" "$mnt" >"$logfile" 2>&1 &
     pid=$!
-    PIDS+=("$pid")
+    LIVE_PIDS[$pid]=qcow2fs
   else
     # As users run it: `mount` starts a background server and exits once the mount is live.
     # shellcheck disable=SC2086
     node "$CLI" mount $QCOW2FS_OPTS "$image" "$mnt" >"$logfile" 2>&1 &
     pid=$!
+    launcher=launcher
   fi
-  wait_mounted "$mnt" "$mnt/$stem.raw" "$pid" "$logfile" "qcow2fs mount $image"
+  wait_mounted "$mnt" "$mnt/$stem.raw" "$pid" "$logfile" "qcow2fs mount $image" $launcher
   if [[ $CPU_PROFILE == 1 ]]; then
     server_pid=$pid
   else
     server_pid=$(find_serve_pid "$mnt" 2>>"$logfile") || die "cannot ask the qcow2fs server of $mnt for its pid (see $logfile)"
-    PIDS+=("$server_pid")
+    LIVE_PIDS[$server_pid]=qcow2fs
   fi
   TARGETS+=("qcow2fs|$label|$mnt/$stem.raw|$image|$server_pid")
   log "qcow2fs: $mnt/$stem.raw"
@@ -270,20 +173,10 @@ start_qsd() { # LABEL IMAGE
     --export "type=fuse,id=exp,node-name=qcow2,mountpoint=${file//,/,,},writable=off" \
     >"$logfile" 2>&1 &
   pid=$!
-  PIDS+=("$pid")
+  LIVE_PIDS[$pid]=qsd
   wait_mounted "$file" "$file" "$pid" "$logfile" "qemu-storage-daemon ($image)"
   TARGETS+=("qsd|$label|$file|$image|$pid")
   log "qsd: $file"
-}
-
-# The kernel options qcow2fs mounts with (its default tuning, read-only), so that the no-I/O
-# server differs from qcow2fs only in what happens inside a read.
-qcow2fs_option_string() {
-  node --input-type=module -e '
-    const { buildOptionString } = await import(process.argv[1] + "/dist/lib/fuse/native.js")
-    const { DEFAULT_KERNEL_TUNING } = await import(process.argv[1] + "/dist/lib/fuse/adapter.js")
-    console.log(buildOptionString({ ...DEFAULT_KERNEL_TUNING, name: "zero-fuse", readOnly: true, allowOther: false }))
-  ' "$ROOT" 2>>"$LOG_DIR/zero.log"
 }
 
 start_zero() {
@@ -291,7 +184,7 @@ start_zero() {
   mkdir -p "$mnt"
   MOUNTS+=("$mnt")
   if [[ -f $ROOT/dist/lib/fuse/native.js ]]; then
-    options=$(qcow2fs_option_string) || {
+    options=$(qcow2fs_option_string true "$LOG_DIR/zero.log") || {
       log "cannot read qcow2fs's FUSE options from dist/ (see $logfile); zero-fuse uses its defaults"
       options=
     }
@@ -299,7 +192,7 @@ start_zero() {
   ZERO_OPTIONS=${options:-zero-fuse defaults}
   node bench/zero-fuse.mjs "$mnt" "$IMAGE_BYTES" ${options:+"$options"} >"$logfile" 2>&1 &
   pid=$!
-  PIDS+=("$pid")
+  LIVE_PIDS[$pid]=zero
   wait_mounted "$mnt" "$mnt/zero.raw" "$pid" "$logfile" "zero-fuse"
   TARGETS+=("zero|none|$mnt/zero.raw|-|$pid")
   log "no-I/O server: $mnt/zero.raw"
@@ -357,23 +250,12 @@ prepare_caches() { # CASE HOST_IMAGE
   fi
 }
 
-# CPU time (user + system, all threads) a process has used so far, in clock ticks.
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { # PID
-  local stat fields
-  stat=$(<"/proc/$1/stat") || die "server process $1 is gone"
-  # Fields after "pid (comm) ": state is the first, utime the 12th, stime the 13th.
-  read -r -a fields <<<"${stat##*) }"
-  echo $((fields[11] + fields[12]))
-}
-
 measure_dd() { # FILE -> MB/s (10^6 bytes per second)
-  local out line
+  local out
   out=$(LC_ALL=C dd if="$1" of=/dev/null bs=1M 2>&1) || die "dd of $1 failed: $out"
-  line=$(tail -n 1 <<<"$out")
-  [[ $line =~ ^([0-9]+)\ bytes.*copied,\ ([0-9.e+-]+)\ s ]] || die "cannot parse dd output: $line"
-  [[ ${BASH_REMATCH[1]} -eq $IMAGE_BYTES ]] || die "dd read ${BASH_REMATCH[1]} of $IMAGE_BYTES bytes from $1"
-  awk -v bytes="${BASH_REMATCH[1]}" -v secs="${BASH_REMATCH[2]}" 'BEGIN { printf "%.1f\n", bytes / secs / 1e6 }'
+  parse_dd_output "$out"
+  [[ $DD_BYTES -eq $IMAGE_BYTES ]] || die "dd read $DD_BYTES of $IMAGE_BYTES bytes from $1"
+  awk -v bytes="$DD_BYTES" -v secs="$DD_SECS" 'BEGIN { printf "%.1f\n", bytes / secs / 1e6 }'
 }
 
 measure_fio() { # FILE ENGINE IODEPTH JSON_OUT -> "IOPS READS"
@@ -399,21 +281,6 @@ measure_engine() { # MODE IMAGE -> "MB/s-or-IOPS CPU-per-unit"
     die "engine-read $1 $2 failed (see $LOG_DIR/engine.log)"
 }
 
-# Share of CPU time the machine spent busy over 3 s while the benchmark itself was idle: other
-# work running now skews the figures. (The load average is no help here: it also counts
-# processes blocked on I/O, such as anything stuck on a hung FUSE mount.)
-cpu_busy_pct() {
-  local a b
-  a=$(head -n 1 /proc/stat)
-  sleep 3
-  b=$(head -n 1 /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN {
-    na = split(a, x); split(b, y); total = 0; idle = 0
-    for (i = 2; i <= na; i++) total += y[i] - x[i]
-    idle = (y[5] - x[5]) + (y[6] - x[6])
-    printf "%.0f\n", (total > 0 ? 100 * (total - idle) / total : 0)
-  }'
-}
 BUSY_BEFORE=$(cpu_busy_pct)
 if ((BUSY_BEFORE > 25)); then
   log "warning: the CPUs are ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
@@ -471,20 +338,8 @@ done
 # ---------------------------------------------------------------------------------------------
 # Report
 
-git_rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev="$git_rev + uncommitted changes"; fi
 {
-  printf 'date=%s\n' "$(date -u +'%Y-%m-%d %H:%M UTC')"
-  printf 'git=%s\n' "$git_rev"
-  printf 'cpu=%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
-  printf 'nproc=%s\n' "$(nproc)"
-  printf 'load=%s\n' "CPUs ${BUSY_BEFORE}% busy with other work just before the measurements, ${BUSY_AFTER}% just after"
-  printf 'memory=%s\n' "$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
-  printf 'kernel=%s\n' "$(uname -sr)"
-  printf 'node=%s\n' "$(node --version)"
-  printf 'qemu=%s\n' "$(qemu-storage-daemon --version | head -n 1)"
-  printf 'fio=%s\n' "$(fio --version)"
-  printf 'fuse_native=%s\n' "$(node -p 'require("./node_modules/fuse-native/package.json").version')"
+  machine_meta "$BUSY_BEFORE" "$BUSY_AFTER"
   printf 'image_mib=%s\n' "$IMAGE_MIB"
   printf 'allocated_bytes=%s\n' "$(stat -c %s "$ALLOCATED")"
   printf 'compressed_bytes=%s\n' "$(stat -c %s "$COMPRESSED")"

@@ -45,6 +45,9 @@ set -euo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+LOG_TAG=bench-write
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench-write}
 REPS=${BENCH_REPS:-3}
@@ -77,66 +80,17 @@ IMAGE_BYTES=$((IMAGE_MIB * 1024 * 1024))
 # Bump when make-data.mjs or the conversion options change, so cached images are rebuilt.
 IMAGE_RECIPE="v1 size=${IMAGE_MIB}MiB cluster=64KiB"
 
-log() { printf '[bench-write %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# ---------------------------------------------------------------------------------------------
-# Cleanup: every process started and every mount made is registered here and undone on exit,
-# whatever the exit path.
-
-declare -A LIVE_PIDS=() # server processes running now (pid -> what)
-MOUNTS=()               # mountpoints (directories or, for qsd, regular files) that may be mounted
-QCOW2FS_MNTS=()         # mountpoints to unmount with `qcow2fs unmount` first
-
-is_mounted() { findmnt -rn --mountpoint "$1" >/dev/null 2>&1; }
-
-stop_pid() {
-  local pid=$1 i
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 50); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  log "process $pid ignored SIGTERM; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local rc=$? mnt pid
-  trap - EXIT INT TERM
-  set +e
-  for mnt in "${QCOW2FS_MNTS[@]}"; do
-    if is_mounted "$mnt"; then
-      timeout 20 node "$CLI" unmount "$mnt" >>"$LOG_DIR/unmount.log" 2>&1 ||
-        log "qcow2fs unmount $mnt failed (see $LOG_DIR/unmount.log); forcing"
-    fi
-  done
-  for pid in "${!LIVE_PIDS[@]}"; do stop_pid "$pid"; done
-  for mnt in "${MOUNTS[@]}"; do
-    if is_mounted "$mnt"; then
-      log "forcing unmount of $mnt"
-      fusermount -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
-    fi
-  done
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_cleanup
 
 # ---------------------------------------------------------------------------------------------
 # Preconditions
 
-[[ $(id -u) -eq 0 ]] || die "run as root: the benchmark drops the page cache and mounts FUSE filesystems"
-for tool in node npx qemu-img qemu-storage-daemon fio fusermount findmnt dd stat sync timeout; do
-  command -v "$tool" >/dev/null || die "$tool is not installed (qemu-utils, qemu-system-common, fio, fuse)"
-done
-[[ -e /dev/fuse ]] || die "/dev/fuse is missing"
-[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPS must be a positive integer"
-[[ $FIO_RUNTIME_S =~ ^[1-9][0-9]*$ ]] || die "BENCH_FIO_RUNTIME must be a positive integer"
-[[ $IMAGE_MIB =~ ^[1-9][0-9]*$ ]] || die "BENCH_IMAGE_MIB must be a positive integer"
-[[ $SCATTER_WRITES =~ ^[1-9][0-9]*$ ]] || die "BENCH_SCATTER_WRITES must be a positive integer"
+require_root
+require_tools node npx qemu-img qemu-storage-daemon fio fusermount findmnt dd stat sync timeout
+require_positive_int BENCH_REPS "$REPS"
+require_positive_int BENCH_FIO_RUNTIME "$FIO_RUNTIME_S"
+require_positive_int BENCH_IMAGE_MIB "$IMAGE_MIB"
+require_positive_int BENCH_SCATTER_WRITES "$SCATTER_WRITES"
 ((SCATTER_WRITES <= IMAGE_MIB * 256)) || die "BENCH_SCATTER_WRITES exceeds the 4 KiB blocks of the image ($((IMAGE_MIB * 256)))"
 
 for kind in $TARGET_KINDS; do
@@ -146,7 +100,6 @@ done
 for case_name in "${CASES[@]}"; do
   [[ " $ALL_CASES " == *" $case_name "* ]] || die "unknown case in BENCH_CASES: $case_name (known: $ALL_CASES)"
 done
-wants() { [[ $TARGET_KINDS == *" $1 "* ]]; }
 wants_case() { [[ " ${CASES[*]} " == *" $1 "* ]]; }
 if ! wants qcow2fs || ! wants qsd || ! wants zero || [[ ${CASES[*]} != "$ALL_CASES" ]]; then
   log "partial run (BENCH_TARGETS=${BENCH_TARGETS:-}, BENCH_CASES=${BENCH_CASES:-}): docs/PERFORMANCE.md is left alone"
@@ -154,28 +107,13 @@ if ! wants qcow2fs || ! wants qsd || ! wants zero || [[ ${CASES[*]} != "$ALL_CAS
 fi
 
 mkdir -p "$IMAGE_DIR" "$MNT_ROOT" "$LOG_DIR" "$RESULTS_DIR"
-# A previous run that was killed hard may have left mounts behind.
-for stale in "$MNT_ROOT"/*; do
-  [[ -e $stale ]] || continue
-  if is_mounted "$stale"; then
-    log "removing stale mount $stale"
-    fusermount -uz "$stale" 2>/dev/null || umount -l "$stale" || true
-  fi
-done
+clear_stale_mounts "$MNT_ROOT"
 rm -rf "${MNT_ROOT:?}"/* "${LOG_DIR:?}"/* "${IMAGE_DIR:?}"/run-*
-
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 # ---------------------------------------------------------------------------------------------
 # Build
 
-if ! wants qcow2fs; then
-  :
-elif [[ ! -f $CLI ]] || [[ -n $(find lib cli tsconfig.json -newer "$CLI" \( -name '*.ts' -o -name tsconfig.json \) 2>/dev/null | head -n 1) ]]; then
-  log "building (npx tsc -p tsconfig.json)"
-  npx tsc -p tsconfig.json
-fi
-if wants qcow2fs; then [[ -f $CLI ]] || die "build did not produce $CLI"; fi
+if wants qcow2fs; then build_if_stale; fi
 
 # ---------------------------------------------------------------------------------------------
 # Source data and the backing image (cached in the work dir between runs)
@@ -190,12 +128,7 @@ if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$IMAGE_RECIPE" ||
   log "converting to a fully allocated qcow2 image (the backing file of the scatter cases)"
   qemu-img convert -f raw -O qcow2 -o cluster_size=65536 -S 0 "$DATA_RAW" "$BASE"
   qemu-img check -q "$BASE" || die "qemu-img check failed for $BASE"
-  holes=$(qemu-img map --output=json "$BASE" | node -e '
-    let text = ""
-    process.stdin.on("data", (chunk) => (text += chunk)).on("end", () => {
-      const extents = JSON.parse(text)
-      console.log(extents.filter((e) => !e.data || e.zero || e.depth !== 0).length)
-    })')
+  holes=$(count_unallocated_extents "$BASE")
   [[ $holes -eq 0 ]] || die "$BASE has $holes unallocated or zero extents"
   echo "$IMAGE_RECIPE" >"$IMAGE_DIR/recipe"
 else
@@ -233,36 +166,6 @@ mkdir -p "$QCOW2FS_MNT" "$ZERO_MNT"
 : >"$QSD_FILE" # the FUSE export mounts over an existing regular file
 MOUNTS+=("$QCOW2FS_MNT" "$QSD_FILE" "$ZERO_MNT")
 QCOW2FS_MNTS+=("$QCOW2FS_MNT")
-
-wait_mounted() { # MOUNTPOINT FILE PID LOGFILE WHAT
-  local mountpoint=$1 file=$2 pid=$3 logfile=$4 what=$5 rc
-  local deadline=$((SECONDS + MOUNT_TIMEOUT_S))
-  until is_mounted "$mountpoint" && [[ -e $file ]]; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      rc=0
-      wait "$pid" || rc=$?
-      unset "LIVE_PIDS[$pid]"
-      cat "$logfile" >&2 || true
-      die "$what exited with status $rc before mounting"
-    fi
-    ((SECONDS < deadline)) || { cat "$logfile" >&2 || true; die "$what did not mount $file within ${MOUNT_TIMEOUT_S}s"; }
-    sleep 0.1
-  done
-}
-
-# The pid of the background server that `qcow2fs mount` started for MOUNTPOINT, asked over
-# its control socket (lib/fuse/control.ts, op "status"). Not found by scanning /proc: reading
-# another process's command line blocks while that process is stuck on a hung FUSE mount.
-find_serve_pid() { # MOUNTPOINT
-  timeout 20 node --input-type=module -e '
-    const control = await import(process.argv[1] + "/dist/lib/fuse/control.js")
-    const { realpathSync } = await import("node:fs")
-    const answer = await control.sendControlRequest(control.controlSocketPath(realpathSync(process.argv[2])), { op: "status" }, 10000)
-    answer.hangUp()
-    if (!answer.reply.ok || !Number.isInteger(answer.reply.pid)) throw new Error(JSON.stringify(answer.reply))
-    console.log(answer.reply.pid)
-  ' "$ROOT" "$1"
-}
 
 qcow2fs_mount_command() { # IMAGE MNT -> CMD
   # -o rw: an image that cannot be written is refused instead of mounted read-only.
@@ -325,23 +228,13 @@ stop_qsd() { # qsd flushes and closes the image on SIGTERM
   ! is_mounted "$QSD_FILE" || die "$QSD_FILE is still mounted after qemu-storage-daemon ended"
 }
 
-# The kernel options qcow2fs mounts a writable image with (its default tuning), so that the
-# no-I/O server differs from qcow2fs only in what happens inside a request.
-qcow2fs_option_string() {
-  node --input-type=module -e '
-    const { buildOptionString } = await import(process.argv[1] + "/dist/lib/fuse/native.js")
-    const { DEFAULT_KERNEL_TUNING } = await import(process.argv[1] + "/dist/lib/fuse/adapter.js")
-    console.log(buildOptionString({ ...DEFAULT_KERNEL_TUNING, name: "zero-fuse", readOnly: false, allowOther: false }))
-  ' "$ROOT" 2>>"$LOG_DIR/zero.log"
-}
-
 ZERO_RAW=$ZERO_MNT/zero.raw
 ZERO_PID=
 ZERO_OPTIONS=
 start_zero() { # once: the no-I/O server stays mounted for the whole run
   local logfile=$LOG_DIR/zero.log options=
   if [[ -f $ROOT/dist/lib/fuse/native.js ]]; then
-    options=$(qcow2fs_option_string) || {
+    options=$(qcow2fs_option_string false "$LOG_DIR/zero.log") || {
       log "cannot read qcow2fs's FUSE options from dist/ (see $logfile)"
       options=
     }
@@ -436,15 +329,6 @@ prepare_caches() { # CASE: everything written back and dropped; the data to writ
   esac
 }
 
-# CPU time (user + system, all threads) a process has used so far, in clock ticks.
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { # PID
-  local stat fields
-  stat=$(<"/proc/$1/stat") || die "server process $1 is gone"
-  # Fields after "pid (comm) ": state is the first, utime the 12th, stime the 13th.
-  read -r -a fields <<<"${stat##*) }"
-  echo $((fields[11] + fields[12]))
-}
 # Bytes of page cache the process (all its threads) has dirtied so far: what it will cost the
 # disk. A page dirtied again before it was written back counts once.
 write_bytes() { # PID
@@ -455,13 +339,12 @@ allocated_bytes() { # FILE
 }
 
 run_dd() { # RAW -> "MB/s WRITES BYTES"
-  local out line
+  local out
   seq_command "$DATA_RAW" "$1"
   out=$(LC_ALL=C "${CMD[@]}" 2>&1) || die "dd to $1 failed: $out"
-  line=$(tail -n 1 <<<"$out")
-  [[ $line =~ ^([0-9]+)\ bytes.*copied,\ ([0-9.e+-]+)\ s ]] || die "cannot parse dd output: $line"
-  [[ ${BASH_REMATCH[1]} -eq $IMAGE_BYTES ]] || die "dd wrote ${BASH_REMATCH[1]} of $IMAGE_BYTES bytes to $1"
-  awk -v bytes="${BASH_REMATCH[1]}" -v secs="${BASH_REMATCH[2]}" 'BEGIN { printf "%.1f %d %d\n", bytes / secs / 1e6, bytes / 1048576, bytes }'
+  parse_dd_output "$out"
+  [[ $DD_BYTES -eq $IMAGE_BYTES ]] || die "dd wrote $DD_BYTES of $IMAGE_BYTES bytes to $1"
+  awk -v bytes="$DD_BYTES" -v secs="$DD_SECS" 'BEGIN { printf "%.1f %d %d\n", bytes / secs / 1e6, bytes / 1048576, bytes }'
 }
 
 run_fio() { # CASE RAW JSON -> "IOPS WRITES BYTES"
@@ -540,21 +423,6 @@ measure() { # REP CASE KIND
   log "rep $rep/$REPS $case_name $kind: $value (server CPU $cpu, host allocated $alloc and dirtied $wbytes bytes for $guest guest bytes, sync after ${flush_ms} ms)"
 }
 
-# Share of CPU time the machine spent busy over 3 s while the benchmark itself was idle: other
-# work running now skews the figures.
-cpu_busy_pct() {
-  local a b
-  a=$(head -n 1 /proc/stat)
-  sleep 3
-  b=$(head -n 1 /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN {
-    na = split(a, x); split(b, y); total = 0; idle = 0
-    for (i = 2; i <= na; i++) total += y[i] - x[i]
-    idle = (y[5] - x[5]) + (y[6] - x[6])
-    printf "%.0f\n", (total > 0 ? 100 * (total - idle) / total : 0)
-  }'
-}
-
 TARGETS=()
 for kind in qsd qcow2fs zero; do
   if wants "$kind"; then TARGETS+=("$kind"); fi
@@ -601,27 +469,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Report
 
-git_rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then git_rev="$git_rev + uncommitted changes"; fi
-# The commands as run, with placeholders for the per-measurement paths and the paths inside the
-# repository relative to it.
-command_text() {
-  local IFS=' '
-  CMD=("${CMD[@]//"$ROOT"\//}")
-  printf '%s\n' "${CMD[*]}"
-}
+# The commands as run (command_text), with placeholders for the per-measurement paths.
 {
-  printf 'date=%s\n' "$(date -u +'%Y-%m-%d %H:%M UTC')"
-  printf 'git=%s\n' "$git_rev"
-  printf 'cpu=%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
-  printf 'nproc=%s\n' "$(nproc)"
-  printf 'load=%s\n' "CPUs ${BUSY_BEFORE}% busy with other work just before the measurements, ${BUSY_AFTER}% just after"
-  printf 'memory=%s\n' "$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
-  printf 'kernel=%s\n' "$(uname -sr)"
-  printf 'node=%s\n' "$(node --version)"
-  printf 'qemu=%s\n' "$(qemu-storage-daemon --version | head -n 1)"
-  printf 'fio=%s\n' "$(fio --version)"
-  printf 'fuse_native=%s\n' "$(node -p 'require("./node_modules/fuse-native/package.json").version')"
+  machine_meta "$BUSY_BEFORE" "$BUSY_AFTER"
   printf 'image_mib=%s\n' "$IMAGE_MIB"
   printf 'base_bytes=%s\n' "$(stat -c %s "$BASE")"
   printf 'scatter_writes=%s\n' "$SCATTER_WRITES"

@@ -1,0 +1,232 @@
+# Helpers shared by the benchmark scripts (bench/run.sh, bench/write.sh, bench/compress.sh).
+# Sourced, not run. The script sets before sourcing it:
+#   ROOT     the repository (the scripts cd there)
+#   LOG_TAG  the prefix of its log lines (bench, bench-write, ...)
+# and, before anything here runs that needs them: LOG_DIR, CLI, TARGET_KINDS, MOUNT_TIMEOUT_S.
+# shellcheck shell=bash disable=SC2034 # variables set here are read by the scripts
+
+log() { printf '[%s %s] %s\n' "${LOG_TAG:-bench}" "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: every process started and every mount made is registered here and undone on exit,
+# whatever the exit path (install_cleanup sets the traps).
+
+declare -A LIVE_PIDS=() # server processes running now (pid -> what)
+MOUNTS=()               # mountpoints (directories or, for qsd, regular files) that may be mounted
+QCOW2FS_MNTS=()         # mountpoints to unmount with `qcow2fs unmount` first
+
+is_mounted() { findmnt -rn --mountpoint "$1" >/dev/null 2>&1; }
+
+stop_pid() {
+  local pid=$1 _
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  log "process $pid ignored SIGTERM; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? mnt pid
+  trap - EXIT INT TERM
+  set +e
+  for mnt in "${QCOW2FS_MNTS[@]}"; do
+    if is_mounted "$mnt"; then
+      timeout 20 node "$CLI" unmount "$mnt" >>"$LOG_DIR/unmount.log" 2>&1 ||
+        log "qcow2fs unmount $mnt failed (see $LOG_DIR/unmount.log); forcing"
+    fi
+  done
+  for pid in "${!LIVE_PIDS[@]}"; do stop_pid "$pid"; done
+  for mnt in "${MOUNTS[@]}"; do
+    if is_mounted "$mnt"; then
+      log "forcing unmount of $mnt"
+      fusermount -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+    fi
+  done
+  exit "$rc"
+}
+
+install_cleanup() {
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+# ---------------------------------------------------------------------------------------------
+# Preconditions
+
+require_root() {
+  [[ $(id -u) -eq 0 ]] || die "run as root: the benchmark drops the page cache and mounts FUSE filesystems"
+}
+
+require_tools() { # TOOL...
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || die "$tool is not installed (qemu-utils, qemu-system-common, fio, fuse)"
+  done
+  [[ -e /dev/fuse ]] || die "/dev/fuse is missing"
+}
+
+require_positive_int() { # NAME VALUE
+  [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer"
+}
+
+# A previous run that was killed hard may have left mounts behind.
+clear_stale_mounts() { # MNT_ROOT
+  local stale
+  for stale in "$1"/*; do
+    [[ -e $stale ]] || continue
+    if is_mounted "$stale"; then
+      log "removing stale mount $stale"
+      fusermount -uz "$stale" 2>/dev/null || umount -l "$stale" || true
+    fi
+  done
+}
+
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# TARGET_KINDS is " kind kind ... " (spaces around).
+wants() { [[ $TARGET_KINDS == *" $1 "* ]]; }
+
+# Rebuilds dist/ with tsc when a source is newer than the CLI, then insists the CLI exists.
+build_if_stale() {
+  if [[ ! -f $CLI ]] || [[ -n $(find lib cli tsconfig.json -newer "$CLI" \( -name '*.ts' -o -name tsconfig.json \) 2>/dev/null | head -n 1) ]]; then
+    log "building (npx tsc -p tsconfig.json)"
+    npx tsc -p tsconfig.json
+  fi
+  [[ -f $CLI ]] || die "build did not produce $CLI"
+}
+
+# Guest extents of IMAGE that are unallocated, zero, or in a backing file (qemu-img map): the
+# benchmark images must have none.
+count_unallocated_extents() { # IMAGE
+  qemu-img map --output=json "$1" | node -e '
+    let text = ""
+    process.stdin.on("data", (chunk) => (text += chunk)).on("end", () => {
+      const extents = JSON.parse(text)
+      console.log(extents.filter((e) => !e.data || e.zero || e.depth !== 0).length)
+    })'
+}
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+# Waits until MOUNTPOINT is mounted and FILE exists. PID is the process that mounts it: the
+# server itself, or with "launcher" a `qcow2fs mount` that exits 0 once the mount is live.
+wait_mounted() { # MOUNTPOINT FILE PID LOGFILE WHAT [launcher]
+  local mountpoint=$1 file=$2 pid=$3 logfile=$4 what=$5 launcher=${6:-} rc exited=0
+  local deadline=$((SECONDS + MOUNT_TIMEOUT_S))
+  until is_mounted "$mountpoint" && [[ -e $file ]]; do
+    if ((!exited)) && ! kill -0 "$pid" 2>/dev/null; then
+      rc=0
+      wait "$pid" || rc=$?
+      exited=1
+      unset "LIVE_PIDS[$pid]"
+      if [[ $launcher != launcher ]] || ((rc != 0)); then
+        cat "$logfile" >&2 || true
+        die "$what exited with status $rc before mounting"
+      fi
+    fi
+    ((SECONDS < deadline)) || { cat "$logfile" >&2 || true; die "$what did not mount $file within ${MOUNT_TIMEOUT_S}s"; }
+    sleep 0.1
+  done
+}
+
+# The pid of the background server that `qcow2fs mount` started for MOUNTPOINT, asked over
+# its control socket (lib/fuse/control.ts, op "status"). Not found by scanning /proc: reading
+# another process's command line blocks while that process is stuck on a hung FUSE mount.
+find_serve_pid() { # MOUNTPOINT
+  timeout 20 node --input-type=module -e '
+    const control = await import(process.argv[1] + "/dist/lib/fuse/control.js")
+    const { realpathSync } = await import("node:fs")
+    const answer = await control.sendControlRequest(control.controlSocketPath(realpathSync(process.argv[2])), { op: "status" }, 10000)
+    answer.hangUp()
+    if (!answer.reply.ok || !Number.isInteger(answer.reply.pid)) throw new Error(JSON.stringify(answer.reply))
+    console.log(answer.reply.pid)
+  ' "$ROOT" "$1"
+}
+
+# The kernel options qcow2fs mounts with (its default tuning), so that the no-I/O server
+# differs from qcow2fs only in what happens inside a request.
+qcow2fs_option_string() { # READ_ONLY(true|false) LOGFILE
+  node --input-type=module -e '
+    const { buildOptionString } = await import(process.argv[1] + "/dist/lib/fuse/native.js")
+    const { DEFAULT_KERNEL_TUNING } = await import(process.argv[1] + "/dist/lib/fuse/adapter.js")
+    console.log(buildOptionString({ ...DEFAULT_KERNEL_TUNING, name: "zero-fuse", readOnly: process.argv[2] === "true", allowOther: false }))
+  ' "$ROOT" "$1" 2>>"$2"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+# CPU time (user + system, all threads) a process has used so far, in clock ticks.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # PID
+  local stat fields
+  stat=$(<"/proc/$1/stat") || die "server process $1 is gone"
+  # Fields after "pid (comm) ": state is the first, utime the 12th, stime the 13th.
+  read -r -a fields <<<"${stat##*) }"
+  echo $((fields[11] + fields[12]))
+}
+
+# Parses the last line of dd's report ("N bytes ... copied, S s, ...") into DD_BYTES, DD_SECS.
+parse_dd_output() { # OUTPUT
+  local line
+  line=$(tail -n 1 <<<"$1")
+  [[ $line =~ ^([0-9]+)\ bytes.*copied,\ ([0-9.e+-]+)\ s ]] || die "cannot parse dd output: $line"
+  DD_BYTES=${BASH_REMATCH[1]}
+  DD_SECS=${BASH_REMATCH[2]}
+}
+
+# Share of CPU time the machine spent busy over 3 s while the benchmark itself was idle: other
+# work running now skews the figures. (The load average is no help here: it also counts
+# processes blocked on I/O, such as anything stuck on a hung FUSE mount.)
+cpu_busy_pct() {
+  local a b
+  a=$(head -n 1 /proc/stat)
+  sleep 3
+  b=$(head -n 1 /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN {
+    na = split(a, x); split(b, y); total = 0; idle = 0
+    for (i = 2; i <= na; i++) total += y[i] - x[i]
+    idle = (y[5] - x[5]) + (y[6] - x[6])
+    printf "%.0f\n", (total > 0 ? 100 * (total - idle) / total : 0)
+  }'
+}
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+# The commit, and whether the code measured has changes not committed yet.
+git_rev_text() {
+  local rev
+  rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [[ -n $(git status --porcelain -- lib cli bench 2>/dev/null) ]]; then rev="$rev + uncommitted changes"; fi
+  printf '%s\n' "$rev"
+}
+
+# The lines of the meta file that describe the run and the machine (key=value).
+machine_meta() { # BUSY_BEFORE BUSY_AFTER
+  printf 'date=%s\n' "$(date -u +'%Y-%m-%d %H:%M UTC')"
+  printf 'git=%s\n' "$(git_rev_text)"
+  printf 'cpu=%s\n' "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
+  printf 'nproc=%s\n' "$(nproc)"
+  printf 'load=%s\n' "CPUs ${1}% busy with other work just before the measurements, ${2}% just after"
+  printf 'memory=%s\n' "$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  printf 'kernel=%s\n' "$(uname -sr)"
+  printf 'node=%s\n' "$(node --version)"
+  printf 'qemu=%s\n' "$(qemu-storage-daemon --version | head -n 1)"
+  printf 'fio=%s\n' "$(fio --version)"
+  printf 'fuse_native=%s\n' "$(node -p 'require("./node_modules/fuse-native/package.json").version')"
+}
+
+# CMD (an array) as one line, with the paths inside the repository relative to it.
+command_text() {
+  local IFS=' '
+  CMD=("${CMD[@]//"$ROOT"\//}")
+  printf '%s\n' "${CMD[*]}"
+}
