@@ -1,6 +1,6 @@
 /*
  * Damaging qcow2 images in known ways, independently of the engine (its own reading of the
- * header and tables, from the spec), for the check and repair tests:
+ * tables from the spec; the header through header-fields.ts), for the check and repair tests:
  *
  *   readHeader(image)                        the fields the helpers need
  *   refcountOf(image, hostCluster)           the stated refcount of a host cluster
@@ -16,23 +16,9 @@
  * Everything is read from the file on every call: tests poke and re-check between calls.
  */
 import * as fs from 'node:fs'
+import { HEADER_FIELDS_BYTES, type HeaderFields, parseHeaderFields } from './header-fields.js'
 
-export interface HeaderFields {
-  version: number
-  clusterBits: number
-  clusterSize: number
-  virtualSize: number
-  l1Size: number
-  l1TableOffset: number
-  refcountTableOffset: number
-  refcountTableClusters: number
-  snapshotCount: number
-  snapshotsOffset: number
-  incompatibleFeatures: bigint
-  refcountOrder: number
-  extendedL2: boolean
-  l2EntryBytes: number
-}
+export type { HeaderFields } from './header-fields.js'
 
 function readAt(fd: number, offset: number, length: number): Buffer {
   const buf = Buffer.alloc(length)
@@ -50,27 +36,7 @@ function withFd<T>(imagePath: string, flags: string, fn: (fd: number) => T): T {
 }
 
 function headerOf(fd: number): HeaderFields {
-  const h = readAt(fd, 0, 104)
-  const version = h.readUInt32BE(4)
-  const clusterBits = h.readUInt32BE(20)
-  const incompatibleFeatures = version >= 3 ? h.readBigUInt64BE(72) : 0n
-  const extendedL2 = (incompatibleFeatures & (1n << 4n)) !== 0n
-  return {
-    version,
-    clusterBits,
-    clusterSize: 2 ** clusterBits,
-    virtualSize: Number(h.readBigUInt64BE(24)),
-    l1Size: h.readUInt32BE(36),
-    l1TableOffset: Number(h.readBigUInt64BE(40)),
-    refcountTableOffset: Number(h.readBigUInt64BE(48)),
-    refcountTableClusters: h.readUInt32BE(56),
-    snapshotCount: h.readUInt32BE(60),
-    snapshotsOffset: Number(h.readBigUInt64BE(64)),
-    incompatibleFeatures,
-    refcountOrder: version >= 3 ? h.readUInt32BE(96) : 4,
-    extendedL2,
-    l2EntryBytes: extendedL2 ? 16 : 8,
-  }
+  return parseHeaderFields(readAt(fd, 0, HEADER_FIELDS_BYTES))
 }
 
 export function readHeader(imagePath: string): HeaderFields {

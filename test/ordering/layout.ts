@@ -1,28 +1,18 @@
 /*
  * Reading qcow2 metadata from image bytes for the ordering checks, independently of the engine
- * (decoded here from the spec, not with lib/format): header fields, L1 tables (active and
- * snapshots'), the host clusters they reach, and refcounts.
+ * (decoded from the spec, not with lib/format; the header by the shared test helper
+ * header-fields.ts): header fields, L1 tables (active and snapshots'), the host clusters they
+ * reach, and refcounts.
  *
  * Every reader takes a `read(buf, hostOffset)` function so the same code works on a file or on
  * a replay in memory; bytes past the end of the file read as zeros.
  */
 
-export type ReadAt = (buf: Uint8Array, hostOffset: number) => number
+import { HEADER_FIELDS_BYTES, type HeaderFields, parseHeaderFields } from '../helpers/header-fields.js'
 
-export interface HeaderFields {
-  version: number
-  clusterBits: number
-  clusterSize: number
-  virtualSize: number
-  l1Size: number
-  l1TableOffset: number
-  refcountTableOffset: number
-  refcountTableClusters: number
-  snapshotCount: number
-  snapshotsOffset: number
-  refcountOrder: number
-  extendedL2: boolean
-}
+export type { HeaderFields } from '../helpers/header-fields.js'
+
+export type ReadAt = (buf: Uint8Array, hostOffset: number) => number
 
 export interface L1Location {
   l1TableOffset: number
@@ -34,7 +24,6 @@ const QCOW_MAGIC = 0x514649fb
 const OFFSET_MASK_HI = 0x00ffffff
 const OFFSET_MASK_LO = 0xfffffe00
 const COMPRESSED_BIT_HI = 0x40000000
-const EXTENDED_L2_INCOMPAT_BIT = 1 << 4
 
 function bytesAt(read: ReadAt, hostOffset: number, length: number): DataView {
   const buf = new Uint8Array(length)
@@ -52,24 +41,10 @@ function entryOffset(view: DataView, at: number): number {
 }
 
 export function readHeaderFields(read: ReadAt): HeaderFields {
-  const v = bytesAt(read, 0, 104)
-  if (v.getUint32(0) !== QCOW_MAGIC) throw new Error('not a qcow2 image (bad magic)')
-  const version = v.getUint32(4)
-  const clusterBits = v.getUint32(20)
-  return {
-    version,
-    clusterBits,
-    clusterSize: 2 ** clusterBits,
-    virtualSize: u64(v, 24),
-    l1Size: v.getUint32(36),
-    l1TableOffset: u64(v, 40),
-    refcountTableOffset: u64(v, 48),
-    refcountTableClusters: v.getUint32(56),
-    snapshotCount: v.getUint32(60),
-    snapshotsOffset: u64(v, 64),
-    refcountOrder: version >= 3 ? v.getUint32(96) : 4,
-    extendedL2: version >= 3 && (v.getUint32(76) & EXTENDED_L2_INCOMPAT_BIT) !== 0,
-  }
+  const bytes = new Uint8Array(HEADER_FIELDS_BYTES)
+  read(bytes, 0)
+  if (new DataView(bytes.buffer).getUint32(0) !== QCOW_MAGIC) throw new Error('not a qcow2 image (bad magic)')
+  return parseHeaderFields(bytes)
 }
 
 /** The L1 tables of the internal snapshots (snapshot table entries, spec "Snapshots"). */
@@ -106,7 +81,7 @@ export function clustersReachedFrom(read: ReadAt, h: HeaderFields, l1: L1Locatio
   const reached = new Set<number>()
   const l1Clusters = Math.ceil((l1.l1Size * 8) / cs)
   for (let i = 0; i < l1Clusters; i++) reached.add(l1.l1TableOffset / cs + i)
-  const entryBytes = h.extendedL2 ? 16 : 8
+  const entryBytes = h.l2EntryBytes
   const entries = cs / entryBytes
   // Compressed descriptor (spec): offset in bits 0..x-1, additional sectors in bits x..61,
   // x = 62 - (cluster_bits - 8).
