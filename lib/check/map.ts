@@ -17,8 +17,13 @@
  *    QEMU asks (through lib/io/file-extents.ts); where that cannot be asked (the addon is not
  *    built, a file held in memory), 4 KiB blocks of zeros in a file that has holes at all are
  *    taken as its holes: right for files written sparsely, but written zeros count as holes.
- *  - a qcow2 image whose file holds much less than its refcounts claim (preallocated metadata)
- *    reports the holes inside its data clusters as zero too, as QEMU does.
+ *  - a qcow2 image whose file holds much less than its refcounts claim (QEMU's test for
+ *    preallocated metadata, made on the image file also when the data lies in an external data
+ *    file) reports the holes inside its data clusters as zero too, as QEMU does: `"zero": true,
+ *    "data": true`, split where a hole starts or ends. The file asked is the one holding the
+ *    data: the image file, or the external data file (with or without data_file_raw). Any
+ *    other image reports its data clusters as data, whatever the file holds there. An external
+ *    data file is asked with lseek only; where that cannot be asked it is all data.
  *
  * Damage that QEMU's block status fails on (an unaligned L2 table or data cluster, an invalid
  * subcluster bitmap, zero clusters in a version 2 image, compressed clusters with an external
@@ -85,16 +90,20 @@ interface Layer {
 
 /**
  * Where a file holds data and where it has holes: asked of the file system (lseek SEEK_DATA /
- * SEEK_HOLE, as QEMU does) when the file can be asked, else guessed (see the header).
+ * SEEK_HOLE, as QEMU does) when the file can be asked. Otherwise guessed from zero blocks (see
+ * the header), unless `guess` is false: then the file is all data, QEMU's answer where the file
+ * system cannot tell.
  */
 export class FileExtents {
   readonly #file: BlockFile
+  readonly #guessHoles: boolean
   #hasHoles: boolean | undefined
   #chunkStart = -1
   #chunk: Uint8Array = new Uint8Array(0)
 
-  constructor(file: BlockFile) {
+  constructor(file: BlockFile, options: { guess?: boolean } = {}) {
     this.#file = file
+    this.#guessHoles = options.guess !== false
   }
 
   #blockIsZero(block: number): boolean {
@@ -117,6 +126,7 @@ export class FileExtents {
   extentAt(hostOffset: number, limit: number): { hole: boolean; end: number } {
     const asked = this.#file.extentAt?.(hostOffset)
     if (asked !== undefined) return { hole: asked.hole, end: Math.min(asked.end, limit) }
+    if (!this.#guessHoles) return { hole: false, end: limit }
     return this.#guess(hostOffset, limit)
   }
 
@@ -368,10 +378,13 @@ class Qcow2Layer implements Layer {
       status.offset = run.hostOffset
       status.filename = this.#dataFile ? this.#dataFilename! : this.#filename
     }
-    if (data && !zero && offsetValid && this.#dataFile === undefined && this.#hasMetadataPreallocation()) {
-      // The data cluster may be a hole of the image file: ask the file.
-      this.#fileExtents ??= new FileExtents(this.#file)
-      const f = fileStatus(this.#file, this.#fileExtents, run.hostOffset, length)
+    if (data && !zero && offsetValid && this.#hasMetadataPreallocation()) {
+      // QEMU's BDRV_BLOCK_RECURSE: the data cluster may be a hole of the file holding it (the
+      // image file, or the external data file), so that file is asked. An external data file
+      // is asked only with lseek, never guessed from zero blocks: written zeros there are data.
+      const holder = this.#dataFile ?? this.#file
+      this.#fileExtents ??= new FileExtents(holder, { guess: this.#dataFile === undefined })
+      const f = fileStatus(holder, this.#fileExtents, run.hostOffset, length)
       if (f.eof && (f.bytes === 0 || f.zero)) {
         status.zero = true
       } else {

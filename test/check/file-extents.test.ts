@@ -1,7 +1,7 @@
 /*
  * Holes of host files: the file system's answer through the addon (lib/io/file-extents.ts,
  * QEMU's find_allocation outcomes), and the guess `map` falls back on without it (4 KiB zero
- * blocks of a file that has holes).
+ * blocks of a file that has holes), which it never makes for an external data file.
  */
 import { closeSync, openSync, truncateSync, writeFileSync, writeSync } from 'node:fs'
 import * as path from 'node:path'
@@ -71,10 +71,10 @@ describe('FileExtents without lseek (a file held in memory)', () => {
     expect(extents.extentAt(20 * KiB, 64 * KiB)).toEqual({ hole: false, end: 64 * KiB })
   })
 
-  it('takes zero blocks as holes in a file that has holes', () => {
+  /** The bytes of content(), occupying less than their length on the host. */
+  function sparseFile(): BlockFile {
     const memory = MemoryBlockFile.fromBytes('m', content())
-    // The same bytes, occupying less than their length on the host.
-    const sparse: BlockFile = {
+    return {
       path: 'm',
       size: memory.size,
       writable: false,
@@ -87,10 +87,20 @@ describe('FileExtents without lseek (a file held in memory)', () => {
       allocatedBytes: () => 32 * KiB,
       close: () => memory.close(),
     }
-    const extents = new FileExtents(sparse)
+  }
+
+  it('takes zero blocks as holes in a file that has holes', () => {
+    const extents = new FileExtents(sparseFile())
     expect(extents.extentAt(0, 64 * KiB)).toEqual({ hole: false, end: 16 * KiB })
     expect(extents.extentAt(16 * KiB, 64 * KiB)).toEqual({ hole: true, end: 24 * KiB })
     expect(extents.extentAt(24 * KiB, 64 * KiB)).toEqual({ hole: false, end: 32 * KiB })
     expect(extents.extentAt(40 * KiB, 48 * KiB)).toEqual({ hole: true, end: 48 * KiB })
+  })
+
+  it('without guessing (an external data file), the same file is all data, as QEMU takes a file it cannot ask', () => {
+    const extents = new FileExtents(sparseFile(), { guess: false })
+    expect(extents.extentAt(0, 64 * KiB)).toEqual({ hole: false, end: 64 * KiB })
+    expect(extents.extentAt(16 * KiB, 64 * KiB)).toEqual({ hole: false, end: 64 * KiB })
+    expect(extents.extentAt(40 * KiB, 48 * KiB)).toEqual({ hole: false, end: 48 * KiB })
   })
 })
