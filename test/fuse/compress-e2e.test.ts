@@ -12,11 +12,11 @@ import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { deflateImplementation } from '../../lib/engine/compress/compressor.js'
-import { serverLogPath } from '../../lib/fuse/control.js'
-import { CLI_PATH, REPO_ROOT, ensureBuilt } from '../cli/helpers.js'
+import { REPO_ROOT, ensureBuilt } from '../cli/helpers.js'
+import { CliMounts, expectIdentical } from '../helpers/cli-mounts.js'
 import { realisticData } from '../helpers/compressed-image.js'
 import { isCi, makeTempDir, qemuImg, removeTempDir, requireQemu } from '../helpers/qemu.js'
-import { forceUnmount, isMounted, mountEntry, runProcess } from './helpers.js'
+import { runProcess } from './helpers.js'
 
 const qemu = requireQemu('compressed mounts end to end')
 const MiB = 1024 * 1024
@@ -26,32 +26,7 @@ const DATA_BYTES = 200 * MiB + 7 * 512
 let dir = ''
 let source = ''
 let referenceBytes = 0
-let mountCount = 0
-const mountpoints: string[] = []
-const loopMountpoints: string[] = []
-
-function cli(args: string[]) {
-  const env = { ...process.env }
-  delete env.DEBUG
-  return runProcess(process.execPath, [CLI_PATH, ...args], { timeoutMs: 180_000, env })
-}
-
-async function mountImage(image: string, options: string[] = []): Promise<{ mnt: string; raw: string }> {
-  const mnt = join(dir, `mnt${mountCount++}`)
-  await mkdir(mnt)
-  mountpoints.push(mnt)
-  const r = await cli(['mount', ...options, image, mnt])
-  expect(r.code, r.stderr).toBe(0)
-  return { mnt, raw: r.stdout.toString().trim() }
-}
-
-/** Unmounts; returns unmount's stdout (the summary lines of compressed images). */
-async function unmount(mnt: string): Promise<string> {
-  const r = await cli(['unmount', mnt])
-  expect(r.code, r.stderr).toBe(0)
-  expect(isMounted(mnt)).toBe(false)
-  return r.stdout.toString()
-}
+let mounts: CliMounts
 
 describe.skipIf(!qemu)('compressed mounts end to end', () => {
   const tools = qemu!
@@ -65,11 +40,6 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
     const match = /([\d.]+)% compressed clusters/.exec(out)
     expect(match, out).not.toBeNull()
     return Number(match![1])
-  }
-
-  async function expectIdentical(raw: string, image: string): Promise<void> {
-    const r = await runProcess(tools.qemuImg, ['compare', '-f', 'raw', '-F', 'qcow2', raw, image])
-    expect(r.code, `${r.stdout.toString()}${r.stderr}`).toBe(0)
   }
 
   /**
@@ -87,24 +57,25 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
 
   /** A remount without compress overwrites ranges inside compressed clusters; check and compare. */
   async function overwriteInside(image: string, expected: Buffer): Promise<void> {
-    const { mnt, raw } = await mountImage(image)
+    const { mnt, raw } = await mounts.mountImage(image)
     const patch = Buffer.alloc(5000, 0x5a)
     for (const offset of [1000, 37 * MiB + 12345, 150 * MiB + 65536 - 100]) {
       const dd = await runProcess('sh', ['-c', `printf '%5000s' | tr ' ' 'Z' | dd of='${raw}' bs=5000 iflag=fullblock seek=${offset} oflag=seek_bytes conv=notrunc status=none`])
       expect(dd.code, dd.stderr).toBe(0)
       patch.copy(expected, offset)
     }
-    expect(await unmount(mnt)).toBe('')
+    expect(await mounts.unmount(mnt)).toBe('')
     await expectClean(image)
     const reference = `${image}.expected`
     await writeFile(reference, expected)
-    await expectIdentical(reference, image)
+    await expectIdentical(tools, reference, image)
     await rm(reference)
   }
 
   beforeAll(async () => {
     ensureBuilt()
     dir = await makeTempDir('compress-e2e')
+    mounts = new CliMounts(dir, 180_000)
     source = join(dir, 'source.bin')
     await writeFile(source, realisticData(DATA_BYTES, 2024))
     const reference = join(dir, 'reference.qcow2')
@@ -113,29 +84,22 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
   }, 180_000)
 
   afterAll(async () => {
-    for (const mnt of loopMountpoints.reverse()) {
-      if (isMounted(mnt)) await runProcess('umount', ['-l', mnt]).catch(() => undefined)
-    }
-    for (const mnt of mountpoints) {
-      if (mountEntry(mnt)?.fsType === 'fuse.qcow2fs') await cli(['unmount', '--lazy', mnt]).catch(() => undefined)
-      await forceUnmount(mnt)
-      await rm(serverLogPath(mnt), { force: true })
-    }
+    if (mounts) await mounts.cleanup()
     if (dir) await removeTempDir(dir)
   })
 
   it('cp of 200 MiB onto an empty image: compressed as qemu-img convert -c would; then overwrites inside compressed clusters', async () => {
     const image = join(dir, 'cp.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '0'])
-    const { mnt, raw } = await mountImage(image, ['-o', 'compress'])
+    const { mnt, raw } = await mounts.mountImage(image, ['-o', 'compress'])
     const cp = await runProcess('cp', [source, raw], { timeoutMs: 180_000 })
     expect(cp.code, cp.stderr).toBe(0)
     expect((await stat(raw)).size).toBe(DATA_BYTES)
-    const summary = await unmount(mnt)
+    const summary = await mounts.unmount(mnt)
     expect(summary).toMatch(/^qcow2fs: cp\.qcow2: \d+ clusters compressed, \d+ stored uncompressed, \d+ zero; [\d.]+ MiB stored in [\d.]+ MiB \([\d.]+%\)\n$/)
     process.stdout.write(`[compress-e2e] ${summary}`)
     expect(await expectClean(image)).toBeGreaterThan(90)
-    await expectIdentical(source, image)
+    await expectIdentical(tools, source, image)
     const bytes = await expectSmall(image)
     process.stdout.write(`[compress-e2e] cp: ${bytes} bytes; qemu-img convert -c of the same data: ${referenceBytes} bytes\n`)
     await overwriteInside(image, await readFile(source))
@@ -144,12 +108,12 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
   it('dd bs=4k: every write a partial cluster, staged until its cluster is complete', async () => {
     const image = join(dir, 'dd.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '0'])
-    const { mnt, raw } = await mountImage(image, ['-o', 'compress'])
+    const { mnt, raw } = await mounts.mountImage(image, ['-o', 'compress'])
     const dd = await runProcess('dd', [`if=${source}`, `of=${raw}`, 'bs=4k', 'status=none'], { timeoutMs: 180_000 })
     expect(dd.code, dd.stderr).toBe(0)
-    await unmount(mnt)
+    await mounts.unmount(mnt)
     expect(await expectClean(image)).toBeGreaterThan(90)
-    await expectIdentical(source, image)
+    await expectIdentical(tools, source, image)
     const bytes = await expectSmall(image)
     process.stdout.write(`[compress-e2e] dd bs=4k: ${bytes} bytes\n`)
   }, 240_000)
@@ -161,12 +125,12 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
     ] as const) {
       const image = join(dir, `${name}.qcow2`)
       await qemuImg(tools, ['create', '-q', '-f', 'qcow2', '-o', options, image, '0'])
-      const { mnt, raw } = await mountImage(image, ['-o', 'compress'])
+      const { mnt, raw } = await mounts.mountImage(image, ['-o', 'compress'])
       const cp = await runProcess('cp', [source, raw], { timeoutMs: 180_000 })
       expect(cp.code, cp.stderr).toBe(0)
-      await unmount(mnt)
+      await mounts.unmount(mnt)
       expect(await expectClean(image), name).toBeGreaterThan(80)
-      await expectIdentical(source, image)
+      await expectIdentical(tools, source, image)
       const reference = join(dir, `${name}-reference.qcow2`)
       await qemuImg(tools, ['convert', '-c', '-O', 'qcow2', '-o', options, source, reference])
       const referenceSize = (await stat(reference)).size
@@ -178,13 +142,13 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
   it('two whole-cluster writes to one cluster both succeed (QEMU fails the second with EIO)', async () => {
     const image = join(dir, 'twice.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '64M'])
-    const { mnt, raw } = await mountImage(image, ['-o', 'compress'])
+    const { mnt, raw } = await mounts.mountImage(image, ['-o', 'compress'])
     for (const pattern of ['B', '#']) {
       const r = await runProcess('sh', ['-c', `printf '%65536s' | tr ' ' '${pattern}' | dd of='${raw}' bs=64k count=1 iflag=fullblock conv=notrunc,fsync status=none`])
       expect(r.code, r.stderr).toBe(0)
     }
     expect((await readFile(raw)).subarray(0, 65536).every((b) => b === 0x23)).toBe(true)
-    await unmount(mnt)
+    await mounts.unmount(mnt)
     await expectClean(image)
     const io = await runProcess(tools.qemuIo, ['-f', 'qcow2', '-c', 'read -P 0x23 0 64k', image])
     expect(io.code, io.stdout.toString()).toBe(0)
@@ -193,26 +157,24 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
   it('mkfs.ext4 and a copied tree on a compressed mount survive unmount, e2fsck and a remount', async () => {
     const image = join(dir, 'ext4.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '256M'])
-    const { mnt, raw } = await mountImage(image, ['-o', 'compress'])
+    const { mnt, raw } = await mounts.mountImage(image, ['-o', 'compress'])
     const mkfs = await runProcess('mkfs.ext4', ['-q', '-F', raw])
     expect(mkfs.code, mkfs.stderr).toBe(0)
     const tree = join(dir, 'tree')
     await mkdir(join(tree, 'data'), { recursive: true })
     await writeFile(join(tree, 'data', 'sample.bin'), realisticData(24 * MiB + 123, 7))
     for (let i = 0; i < 40; i++) await writeFile(join(tree, `note-${i}.txt`), `note ${i}\n`.repeat(i * 53 + 1))
-    const loop = join(dir, 'loop')
-    await mkdir(loop)
-    loopMountpoints.push(loop)
+    const loop = await mounts.newLoopMountpoint()
     let r = await runProcess('mount', ['-o', 'loop', raw, loop])
     expect(r.code, r.stderr).toBe(0)
     r = await runProcess('cp', ['-a', tree, join(REPO_ROOT, 'lib'), loop])
     expect(r.code, r.stderr).toBe(0)
     r = await runProcess('umount', [loop])
     expect(r.code, r.stderr).toBe(0)
-    expect(await unmount(mnt)).toMatch(/clusters compressed/)
+    expect(await mounts.unmount(mnt)).toMatch(/clusters compressed/)
     expect(await expectClean(image)).toBeGreaterThan(10)
 
-    const again = await mountImage(image)
+    const again = await mounts.mountImage(image)
     const fsck = await runProcess('e2fsck', ['-fn', again.raw])
     expect(fsck.code, `${fsck.stdout.toString()}${fsck.stderr}`).toBe(0)
     r = await runProcess('mount', ['-o', 'loop,ro', again.raw, loop])
@@ -229,7 +191,7 @@ describe.skipIf(!qemu)('compressed mounts end to end', () => {
       r = await runProcess('umount', [loop])
       expect(r.code, r.stderr).toBe(0)
     }
-    await unmount(again.mnt)
+    await mounts.unmount(again.mnt)
     await expectClean(image)
   }, 240_000)
 })

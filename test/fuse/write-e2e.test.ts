@@ -9,48 +9,20 @@
  */
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises'
+import { mkdir, open, readFile, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { controlSocketPath, sendControlRequest, serverLogPath } from '../../lib/fuse/control.js'
-import { CLI_PATH, REPO_ROOT, ensureBuilt } from '../cli/helpers.js'
+import { controlSocketPath, sendControlRequest } from '../../lib/fuse/control.js'
+import { REPO_ROOT, ensureBuilt } from '../cli/helpers.js'
+import { CliMounts, expectIdentical } from '../helpers/cli-mounts.js'
 import { convertToRaw, makeTempDir, qemuImg, qemuInfo, qemuIo, removeTempDir, requireQemu, run } from '../helpers/qemu.js'
-import { forceUnmount, isMounted, mountEntry, processRuns, runProcess, waitFor } from './helpers.js'
+import { forceUnmount, isMounted, processRuns, runProcess, waitFor } from './helpers.js'
 
 const qemu = requireQemu('writable mounts end to end')
 const MiB = 1024 * 1024
 
 let dir = ''
-let mountCount = 0
-const mountpoints: string[] = []
-const loopMountpoints: string[] = []
-
-function cli(args: string[]) {
-  const env = { ...process.env }
-  delete env.DEBUG
-  return runProcess(process.execPath, [CLI_PATH, ...args], { timeoutMs: 120_000, env })
-}
-
-async function newMountpoint(): Promise<string> {
-  const mnt = join(dir, `mnt${mountCount++}`)
-  await mkdir(mnt)
-  mountpoints.push(mnt)
-  return mnt
-}
-
-/** Mounts IMAGE (with extra `mount` arguments); returns the mountpoint and the raw file. */
-async function mountImage(image: string, extra: string[] = []): Promise<{ mnt: string; raw: string; stderr: string }> {
-  const mnt = await newMountpoint()
-  const r = await cli(['mount', ...extra, image, mnt])
-  expect(r.code, r.stderr).toBe(0)
-  return { mnt, raw: r.stdout.toString().trim(), stderr: r.stderr }
-}
-
-async function unmount(mnt: string): Promise<void> {
-  const r = await cli(['unmount', mnt])
-  expect(r.code, r.stderr).toBe(0)
-  expect(isMounted(mnt)).toBe(false)
-}
+let mounts: CliMounts
 
 /** `qemu-img check --output=json`, which exits 2 on corruption and 3 on leaks only. */
 async function check(tools: NonNullable<typeof qemu>, image: string): Promise<{ code: number | null; corruptions: number; leaks: number }> {
@@ -63,11 +35,6 @@ async function check(tools: NonNullable<typeof qemu>, image: string): Promise<{ 
 async function expectClean(tools: NonNullable<typeof qemu>, image: string): Promise<void> {
   const result = await check(tools, image)
   expect(result, `qemu-img check ${image}`).toEqual({ code: 0, corruptions: 0, leaks: 0 })
-}
-
-async function expectIdentical(tools: NonNullable<typeof qemu>, raw: string, image: string): Promise<void> {
-  const r = await runProcess(tools.qemuImg, ['compare', '-f', 'raw', '-F', 'qcow2', raw, image])
-  expect(r.code, `${r.stdout.toString()}${r.stderr}`).toBe(0)
 }
 
 /** Patterned data with zero runs (cp skips them as holes) and a length that is not a sector multiple. */
@@ -92,17 +59,11 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
   beforeAll(async () => {
     ensureBuilt()
     dir = await makeTempDir('write-e2e')
+    mounts = new CliMounts(dir, 120_000)
   })
 
   afterAll(async () => {
-    for (const mnt of loopMountpoints.reverse()) {
-      if (isMounted(mnt)) await runProcess('umount', ['-l', mnt]).catch(() => undefined)
-    }
-    for (const mnt of mountpoints) {
-      if (mountEntry(mnt)?.fsType === 'fuse.qcow2fs') await cli(['unmount', '--lazy', mnt]).catch(() => undefined)
-      await forceUnmount(mnt)
-      await rm(serverLogPath(mnt), { force: true })
-    }
+    if (mounts) await mounts.cleanup()
     if (dir) await removeTempDir(dir)
   })
 
@@ -110,7 +71,7 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     const image = join(dir, 'cp.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '4M'])
     await qemuIo(tools, image, ['write -q -P 0x5e 0 4M'])
-    const { mnt, raw } = await mountImage(image)
+    const { mnt, raw } = await mounts.mountImage(image)
     expect(raw).toBe(join(mnt, 'cp.raw'))
 
     const large = join(dir, 'large.bin')
@@ -119,17 +80,17 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     expect(cp.code, cp.stderr).toBe(0)
     expect((await stat(raw)).size).toBe(6 * MiB + 1536)
     expect(await sha256(raw)).toBe(await sha256(large))
-    await unmount(mnt)
+    await mounts.unmount(mnt)
     await expectClean(tools, image)
     expect((await qemuInfo(tools, image))['virtual-size']).toBe(6 * MiB + 1536)
     await expectIdentical(tools, large, image)
 
     const small = join(dir, 'small.bin')
     await writeFile(small, sampleData(MiB + 512, 2))
-    const again = await mountImage(image)
+    const again = await mounts.mountImage(image)
     cp = await runProcess('cp', [small, again.raw])
     expect(cp.code, cp.stderr).toBe(0)
-    await unmount(again.mnt)
+    await mounts.unmount(again.mnt)
     await expectClean(tools, image)
     expect((await qemuInfo(tools, image))['virtual-size']).toBe(MiB + 512)
     await expectIdentical(tools, small, image)
@@ -143,10 +104,10 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', '-b', 'base.qcow2', '-F', 'qcow2', overlay])
     const source = join(dir, 'over.bin')
     await writeFile(source, sampleData(5 * MiB, 3))
-    const { mnt, raw } = await mountImage(overlay)
+    const { mnt, raw } = await mounts.mountImage(overlay)
     const cp = await runProcess('cp', [source, raw])
     expect(cp.code, cp.stderr).toBe(0)
-    await unmount(mnt)
+    await mounts.unmount(mnt)
     await expectClean(tools, overlay)
     await expectIdentical(tools, source, overlay)
   })
@@ -155,13 +116,13 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     const image = join(dir, 'trunc.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', image, '2M'])
     await qemuIo(tools, image, ['write -q -P 0x21 0 2M'])
-    const { mnt, raw } = await mountImage(image)
+    const { mnt, raw } = await mounts.mountImage(image)
     let r = await runProcess('truncate', ['-s', '10M', raw])
     expect(r.code, r.stderr).toBe(0)
     expect((await stat(raw)).size).toBe(10 * MiB)
     r = await runProcess('truncate', ['-s', String(MiB + 4096 + 512), raw])
     expect(r.code, r.stderr).toBe(0)
-    await unmount(mnt)
+    await mounts.unmount(mnt)
     await expectClean(tools, image)
     const expected = Buffer.alloc(MiB + 4096 + 512, 0x21)
     const reference = join(dir, 'trunc.ref')
@@ -172,7 +133,7 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
   it('-o fixed-size refuses every size change with EPERM and still writes in place', async () => {
     const image = join(dir, 'fixed.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '1M'])
-    const { mnt, raw } = await mountImage(image, ['-o', 'fixed-size'])
+    const { mnt, raw } = await mounts.mountImage(image, ['-o', 'fixed-size'])
     const source = join(dir, 'fixed.bin')
     await writeFile(source, Buffer.alloc(2 * MiB, 0x44))
     const cp = await runProcess('cp', [source, raw])
@@ -183,7 +144,7 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     const dd = await runProcess('dd', [`if=${source}`, `of=${raw}`, 'bs=64K', 'count=4', 'conv=notrunc,fsync', 'status=none'])
     expect(dd.code, dd.stderr).toBe(0)
     expect((await stat(raw)).size).toBe(MiB)
-    await unmount(mnt)
+    await mounts.unmount(mnt)
     await expectClean(tools, image)
     const expected = Buffer.alloc(MiB)
     expected.fill(0x44, 0, 256 * 1024)
@@ -202,15 +163,15 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     await fd.close()
     const before = await sha256(image)
 
-    const { mnt, raw, stderr } = await mountImage(image)
+    const { mnt, raw, stderr } = await mounts.mountImage(image)
     expect(stderr).toMatch(/^qcow2fs: note: [^\n]*corrupt[^\n]*mounted read-only\n$/)
     expect((await readFile(raw)).subarray(0, 65536).every((b) => b === 0x99)).toBe(true)
     const dd = await runProcess('dd', ['if=/dev/zero', `of=${raw}`, 'bs=4k', 'count=1', 'conv=notrunc', 'status=none'])
     expect(dd.stderr).toMatch(/Read-only file system/)
-    await unmount(mnt)
+    await mounts.unmount(mnt)
 
-    const refusedAt = await newMountpoint()
-    const refused = await cli(['mount', '-o', 'rw', image, refusedAt])
+    const refusedAt = await mounts.newMountpoint()
+    const refused = await mounts.cli(['mount', '-o', 'rw', image, refusedAt])
     expect(refused.code).toBe(1)
     expect(refused.stderr).toMatch(/^qcow2fs: [^\n]*corrupt[^\n]*\n$/)
     expect(isMounted(refusedAt)).toBe(false)
@@ -220,7 +181,7 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
   it('mkfs.ext4, a loop mount and a copied tree survive unmount and remount', async () => {
     const image = join(dir, 'ext4.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '256M'])
-    const { mnt, raw } = await mountImage(image)
+    const { mnt, raw } = await mounts.mountImage(image)
     const mkfs = await runProcess('mkfs.ext4', ['-q', '-F', raw])
     expect(mkfs.code, mkfs.stderr).toBe(0)
 
@@ -228,19 +189,17 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     await mkdir(join(tree, 'big'), { recursive: true })
     await writeFile(join(tree, 'big', 'sample.bin'), sampleData(20 * MiB + 123, 4))
     for (let i = 0; i < 50; i++) await writeFile(join(tree, `note-${i}.txt`), `note ${i}\n`.repeat(i * 37 + 1))
-    const loop = join(dir, 'loop')
-    await mkdir(loop)
-    loopMountpoints.push(loop)
+    const loop = await mounts.newLoopMountpoint()
     let r = await runProcess('mount', ['-o', 'loop', raw, loop])
     expect(r.code, r.stderr).toBe(0)
     r = await runProcess('cp', ['-a', tree, join(REPO_ROOT, 'fixtures'), loop])
     expect(r.code, r.stderr).toBe(0)
     r = await runProcess('umount', [loop])
     expect(r.code, r.stderr).toBe(0)
-    await unmount(mnt)
+    await mounts.unmount(mnt)
     await expectClean(tools, image)
 
-    const again = await mountImage(image)
+    const again = await mounts.mountImage(image)
     const fsck = await runProcess('e2fsck', ['-fn', again.raw])
     expect(fsck.code, `${fsck.stdout.toString()}${fsck.stderr}`).toBe(0)
     r = await runProcess('mount', ['-o', 'loop,ro', again.raw, loop])
@@ -257,14 +216,14 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
       r = await runProcess('umount', [loop])
       expect(r.code, r.stderr).toBe(0)
     }
-    await unmount(again.mnt)
+    await mounts.unmount(again.mnt)
     await expectClean(tools, image)
   }, 180_000)
 
   it('keeps every block fsynced through the mount when the server is killed with SIGKILL', async () => {
     const image = join(dir, 'kill.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k', image, '64M'])
-    const { mnt, raw } = await mountImage(image)
+    const { mnt, raw } = await mounts.mountImage(image)
     const { reply, hangUp } = await sendControlRequest(controlSocketPath(mnt), { op: 'status' }, 10_000)
     hangUp()
     if (!reply.ok) throw new Error(reply.error)
@@ -324,10 +283,10 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     }
     expect(sampled).toBeGreaterThan(60 * 8)
     // The image is usable again: a clean mount, a write, a clean unmount.
-    const again = await mountImage(image)
+    const again = await mounts.mountImage(image)
     const r = await runProcess('dd', ['if=/dev/zero', `of=${again.raw}`, 'bs=4k', 'count=1', 'conv=notrunc,fsync', 'status=none'])
     expect(r.code, r.stderr).toBe(0)
-    await unmount(again.mnt)
+    await mounts.unmount(again.mnt)
     expect((await check(tools, image)).corruptions).toBe(0)
     await run(tools.qemuImg, ['check', '-q', '-r', 'leaks', image])
     await expectClean(tools, image)
