@@ -16,6 +16,9 @@
  *    512 bytes) and may refuse (e.g. an image with internal snapshots: UnsupportedFeatureError).
  *  - `flush()` makes everything written so far durable.
  *  - `close()` flushes and releases the image; afterwards every call rejects with ClosedError.
+ *  - `writeAtOnce(buf, guestOffset)` (optional): stores `buf` synchronously and returns true,
+ *    or returns false without doing anything when it cannot right now (a write would have to
+ *    wait). Throws what write() rejects with. Once it returns, `buf` is no longer referenced.
  *  - `compressionProgress()` (optional): what compressed writes (the `compress` mount option)
  *    did so far and how many clusters are still waiting; undefined without them. A server
  *    shows it while an unmount finishes the image.
@@ -25,6 +28,7 @@ export interface VirtualDisk {
   readonly readOnly: boolean
   read(buf: Uint8Array, guestOffset: number): Promise<void>
   write(buf: Uint8Array, guestOffset: number): Promise<void>
+  writeAtOnce?(buf: Uint8Array, guestOffset: number): boolean
   writeZeroes(guestOffset: number, byteCount: number): Promise<void>
   resize(sizeBytes: number): Promise<void>
   flush(): Promise<void>

@@ -312,13 +312,27 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     // Compressed writes return once their data is queued: wait for room in the queue first.
     const compressed = this.#writer?.compressed
     if (compressed && !this.#closed) await compressed.admit()
-    return this.#mutate((writer) => {
-      if (guestOffset < 0 || guestOffset + buf.length > this.#virtualSize) {
-        throw new InvalidRequestError(`write of ${buf.length} bytes at ${guestOffset} goes past the end of the disk (${this.#virtualSize} bytes)`)
-      }
-      writer.writePath.write(buf, guestOffset)
-      this.#flushIfTooDirty(writer)
-    })
+    return this.#mutate((writer) => this.#writeStep(writer, buf, guestOffset))
+  }
+
+  /**
+   * Writes `buf` synchronously and returns true, when nothing stands in the way: the lock is
+   * free and writes are not compressed (their queue can make a writer wait). Otherwise returns
+   * false and does nothing. Throws what write() would reject with. Once it returns, `buf` is
+   * no longer referenced. The FUSE adapter uses it to answer a write before storing it.
+   */
+  writeAtOnce(buf: Uint8Array, guestOffset: number): boolean {
+    if (this.#closed || this.#readOnly || !this.#writer || this.#writer.compressed || this.#lock.isLocked()) return false
+    this.#mutateStep((writer) => this.#writeStep(writer, buf, guestOffset))
+    return true
+  }
+
+  #writeStep(writer: Writer, buf: Uint8Array, guestOffset: number): void {
+    if (guestOffset < 0 || guestOffset + buf.length > this.#virtualSize) {
+      throw new InvalidRequestError(`write of ${buf.length} bytes at ${guestOffset} goes past the end of the disk (${this.#virtualSize} bytes)`)
+    }
+    writer.writePath.write(buf, guestOffset)
+    this.#flushIfTooDirty(writer)
   }
 
   /** Makes a range read as zeros, with zero clusters where the format allows. */
@@ -444,14 +458,17 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
 
   /** Runs a metadata-changing step under the lock, preparing the header on the first one. */
   #mutate(step: (writer: Writer) => void): Promise<void> {
-    return this.#exclusive(() => {
-      if (this.#closed) throw new ClosedError()
-      const writer = this.#writer
-      if (!writer || this.#readOnly) throw new ReadOnlyError(`'${this.path}' is open read-only`)
-      this.#guardCorruption(() => {
-        if (!writer.prepared) this.#prepareForWrites(writer)
-        step(writer)
-      })
+    return this.#exclusive(() => this.#mutateStep(step))
+  }
+
+  /** The body of #mutate, for a caller that holds the lock or knows it is free. */
+  #mutateStep(step: (writer: Writer) => void): void {
+    if (this.#closed) throw new ClosedError()
+    const writer = this.#writer
+    if (!writer || this.#readOnly) throw new ReadOnlyError(`'${this.path}' is open read-only`)
+    this.#guardCorruption(() => {
+      if (!writer.prepared) this.#prepareForWrites(writer)
+      step(writer)
     })
   }
 

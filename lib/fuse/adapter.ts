@@ -146,6 +146,20 @@ interface RawFile {
   ino: number
   /** The last size change of this file; the next one starts after it. */
   sizeChange: Promise<unknown>
+  /** Writes answered before they were stored that are not stored yet (see writeEarly). */
+  unsettled: UnsettledWrite[]
+}
+
+/**
+ * A write answered before it was stored, while it is not stored: waiting for the disk's lock
+ * (`pending`), or failed and kept to be tried again (`failed`). Reads see its bytes; the next
+ * write, flush, fsync or size change of the file first stores it or fails with its error.
+ */
+interface UnsettledWrite {
+  data: Buffer
+  guestOffset: number
+  pending: Promise<void> | undefined
+  error: unknown
 }
 
 interface OpenHandle {
@@ -168,6 +182,7 @@ export class RawFilesAdapter {
   private nextHandle = 1
   private inFlight = 0
   private idleWaiters: Array<() => void> = []
+  private scratchBuffer = Buffer.alloc(0)
   private readonly uid = process.getuid?.() ?? 0
   private readonly gid = process.getgid?.() ?? 0
   private readonly dirTimes: FileTimes
@@ -188,6 +203,7 @@ export class RawFilesAdapter {
         times: source.times ?? { ...this.dirTimes },
         ino: files.length + 2,
         sizeChange: Promise.resolve(),
+        unsettled: [],
       }
       files.push(file)
       this.byPath.set(`/${name}`, file)
@@ -232,7 +248,9 @@ export class RawFilesAdapter {
       release: (_path, fh, cb) => this.answer(cb, () => this.release(fh)),
       statfs: (_path, cb) => this.answer(cb, () => this.statfs()),
       read: (_path, fh, buf, length, position, cb) => this.track(cb, () => this.read(fh, buf, length, position)),
-      write: (_path, fh, buf, length, position, cb) => this.track(cb, () => this.write(fh, buf, length, position)),
+      write: (_path, fh, buf, length, position, cb) => {
+        if (!this.writeEarly(fh, buf, length, position, cb)) this.track(cb, () => this.write(fh, buf, length, position))
+      },
       flush: (_path, fh, cb) => this.track(cb, () => this.flush(fh)),
       fsync: (_path, _datasync, fh, cb) => this.track(cb, () => this.fsync(fh)),
       truncate: (path, size, cb) => this.track(cb, () => this.truncate(this.lookup(path), size)),
@@ -265,8 +283,7 @@ export class RawFilesAdapter {
       promise = Promise.reject(err)
     }
     const finish = (code: number) => {
-      this.inFlight--
-      if (this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake()
+      this.requestDone()
       cb(code)
     }
     promise.then(finish, (err: unknown) => {
@@ -274,6 +291,11 @@ export class RawFilesAdapter {
       log.fuse('request failed: %s', err instanceof Error ? err.message : String(err))
       finish(toFuseErrno(err))
     })
+  }
+
+  private requestDone(): void {
+    this.inFlight--
+    if (this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake()
   }
 
   private lookup(path: string): RawFile {
@@ -355,6 +377,7 @@ export class RawFilesAdapter {
    */
   private changeSize(file: RawFile, target: (currentSize: number) => number | undefined): Promise<void> {
     const change = file.sizeChange.then(async () => {
+      await this.settle(file)
       const sizeBytes = target(file.disk.virtualSize)
       if (sizeBytes === undefined || sizeBytes === file.disk.virtualSize) return
       if (this.fixedSize) throw EPERM
@@ -374,12 +397,106 @@ export class RawFilesAdapter {
   }
 
   private async read(fh: number, buf: Buffer, length: number, guestOffset: number): Promise<number> {
-    const { disk } = this.handle(fh).file
+    const { file } = this.handle(fh)
+    const { disk } = file
     if (guestOffset >= disk.virtualSize) return 0
     const byteCount = Math.min(length, disk.virtualSize - guestOffset)
     // The engine fills fuse-native's own buffer (libfuse memory): no copy.
     await disk.read(buf.subarray(0, byteCount), guestOffset)
+    // Writes answered but not stored yet are newer than what the disk has.
+    for (const write of file.unsettled) overlay(buf, byteCount, guestOffset, write)
     return byteCount
+  }
+
+  /**
+   * A write answered before it is stored, so that the next request travels through the kernel
+   * while this one is written (sequential writers wait for each answer: dd, cp, fio at queue
+   * depth 1). Taken only when the disk can store the write synchronously at once
+   * (VirtualDisk.writeAtOnce), the write lies inside the disk, and the file has no unsettled
+   * write. The bytes are copied first (libfuse reuses its buffer once the answer is sent), the
+   * answer goes out, and the disk stores them in the very next tick (fuse-native sends answers
+   * from process.nextTick: see native.ts), before any later request is taken, so no later read,
+   * flush or fsync can miss them. When storing fails, or cannot happen at once, the write stays
+   * in file.unsettled: reads see it, and the file's next write, flush, fsync or size change
+   * stores it first or fails with its error (ENOSPC, EIO), as a page cache reports a writeback
+   * error; the data is kept until it is stored, so freeing space lets it through.
+   */
+  private writeEarly(fh: number, buf: Buffer, length: number, guestOffset: number, cb: (code: number) => void): boolean {
+    const handle = this.handles.get(fh)
+    if (!handle?.writable) return false
+    const { file } = handle
+    const { disk } = file
+    if (!disk.writeAtOnce || disk.readOnly || file.unsettled.length > 0 || guestOffset + length > disk.virtualSize) return false
+    const data = this.scratch(length)
+    buf.copy(data, 0, 0, length)
+    handle.dirty = true
+    file.times.mtime = new Date()
+    this.inFlight++
+    cb(length)
+    process.nextTick(() => {
+      let stored = false
+      try {
+        stored = disk.writeAtOnce!(data, guestOffset)
+        if (!stored) this.settleLater(file, Buffer.from(data), guestOffset)
+      } catch (err) {
+        log.fuse('write of %d bytes at %d answered, not stored yet: %s', length, guestOffset, err instanceof Error ? err.message : String(err))
+        file.unsettled.push({ data: Buffer.from(data), guestOffset, pending: undefined, error: err })
+      }
+      this.requestDone()
+    })
+    return true
+  }
+
+  /** A write that must wait for the disk: stored in the background, unsettled until then. */
+  private settleLater(file: RawFile, data: Buffer, guestOffset: number): void {
+    const write: UnsettledWrite = { data, guestOffset, pending: undefined, error: undefined }
+    write.pending = file.disk.write(data, guestOffset).then(
+      () => {
+        file.unsettled.splice(file.unsettled.indexOf(write), 1)
+      },
+      (err: unknown) => {
+        write.pending = undefined
+        write.error = err
+      },
+    )
+    file.unsettled.push(write)
+  }
+
+  /** Stores the file's unsettled writes, oldest first; throws the first error still there. */
+  private async settle(file: RawFile): Promise<void> {
+    while (file.unsettled.length > 0) {
+      const write = file.unsettled[0]!
+      if (write.pending) {
+        await write.pending
+        continue
+      }
+      try {
+        await file.disk.write(write.data, write.guestOffset)
+      } catch (err) {
+        write.error = err
+        throw err
+      }
+      file.unsettled.shift()
+    }
+  }
+
+  /** Stores every unsettled write (before the disks close); returns the errors left. */
+  async settleAll(): Promise<unknown[]> {
+    const errors: unknown[] = []
+    for (const file of this.files) {
+      try {
+        await this.settle(file)
+      } catch (err) {
+        errors.push(err)
+      }
+    }
+    return errors
+  }
+
+  /** A buffer for the bytes of one early write, reused: the disk no longer holds it after. */
+  private scratch(length: number): Buffer {
+    if (this.scratchBuffer.length < length) this.scratchBuffer = Buffer.allocUnsafe(Math.max(length, PREFERRED_IO_BYTES))
+    return this.scratchBuffer.subarray(0, length)
   }
 
   private async write(fh: number, buf: Buffer, length: number, guestOffset: number): Promise<number> {
@@ -387,6 +504,7 @@ export class RawFilesAdapter {
     const { file } = handle
     const { disk } = file
     if (disk.readOnly || !handle.writable) throw disk.readOnly ? EROFS : EBADF
+    await this.settle(file)
     let byteCount = length
     if (guestOffset + length > disk.virtualSize) {
       if (this.fixedSize) {
@@ -408,6 +526,7 @@ export class RawFilesAdapter {
     const handle = this.handles.get(fh)
     if (!handle?.dirty) return 0
     handle.dirty = false
+    await this.settle(handle.file)
     await handle.file.disk.flush()
     return 0
   }
@@ -416,6 +535,7 @@ export class RawFilesAdapter {
     const handle = this.handle(fh)
     if (handle.file.disk.readOnly) return 0
     handle.dirty = false
+    await this.settle(handle.file)
     await handle.file.disk.flush()
     return 0
   }
@@ -488,4 +608,12 @@ export async function mountRawFiles(mountpoint: string, sources: readonly RawFil
   })
   if (readAheadKb !== undefined) await session.setReadAheadKb(readAheadKb)
   return { adapter, session, paths: adapter.files.map((file) => join(session.mountpoint, file.name)) }
+}
+
+/** Copies the part of `write` that falls in [guestOffset, guestOffset + byteCount) into buf. */
+function overlay(buf: Buffer, byteCount: number, guestOffset: number, write: UnsettledWrite): void {
+  const start = Math.max(guestOffset, write.guestOffset)
+  const end = Math.min(guestOffset + byteCount, write.guestOffset + write.data.length)
+  if (start >= end) return
+  write.data.copy(buf, start - guestOffset, start - write.guestOffset, end - write.guestOffset)
 }

@@ -22,6 +22,10 @@
  *  - Callbacks take a number: 0 or a negative errno; read and write callbacks take the byte
  *    count instead of 0. The read/write buffer is libfuse memory that is freed or reused as
  *    soon as the reply is signalled.
+ *  - A callback does not answer at once: fuse-native signals the answer to the waiting libfuse
+ *    thread from process.nextTick. So a process.nextTick queued right after a callback runs
+ *    once the answer is on its way, and before the event loop takes another request (the
+ *    adapter's early write answers rely on this).
  *
  * Two deadlocks to keep out of any process that serves a mount (measured here, both hang the
  * process for good):

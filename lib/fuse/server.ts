@@ -306,6 +306,11 @@ export class MountServer {
     }
     await adapter.idle()
     let code = 0
+    // Writes answered before they were stored, and not stored yet (a full disk): last try.
+    for (const err of await adapter.settleAll()) {
+      code = 1
+      log.server('a write answered earlier could not be stored: %s', describeError(err))
+    }
     for (const disk of this.disks) {
       try {
         await disk.close()
