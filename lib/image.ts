@@ -210,7 +210,7 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
       this.#writer = { meta, writePath, prepared: false, setDirtyBit: false, compressed: undefined }
       if (init.compress) this.#startCompressedWrites(this.#writer, init, refcounts, init.compress)
       if (init.file instanceof MetadataOverlapGuard) {
-        init.file.attach(() => metadataLayout(h, init.l1, refcounts, meta.wanted, init.snapshots, init.snapshotTableBytes, init.geometry.clusterSize))
+        init.file.attach(metadataLayout(h, init.l1, refcounts, meta.wanted, init.snapshots, init.snapshotTableBytes, init.geometry.clusterSize))
       }
     }
   }
@@ -766,7 +766,7 @@ function metadataLayout(
   clusterSize: number,
 ): MetadataLayout {
   return {
-    version: `${l1.layoutVersion}/${refcounts.layoutVersion}/${wanted.l1TableOffset}/${wanted.refcountTableOffset}`,
+    version: () => [l1.layoutVersion, refcounts.layoutVersion, wanted.l1TableOffset, wanted.refcountTableOffset],
     *ranges() {
       yield { kind: 'header', hostOffset: 0, bytes: clusterSize }
       yield { kind: 'l1', hostOffset: l1.offset, bytes: l1.size * 8 }

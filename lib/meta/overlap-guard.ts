@@ -22,7 +22,11 @@ export type MetadataKind = 'header' | 'l1' | 'l2' | 'reftable' | 'refblock' | 's
 
 /** Where an image's metadata lives now (host byte ranges), and a key that changes with it. */
 export interface MetadataLayout {
-  version: string
+  /**
+   * Numbers that change whenever a range appears, moves or goes (compared one by one; asked
+   * at every write, so it must be cheap).
+   */
+  version: () => readonly number[]
   ranges: () => Iterable<{ kind: MetadataKind; hostOffset: number; bytes: number }>
 }
 
@@ -38,8 +42,9 @@ const TAG_KIND: Partial<Record<WriteTag, MetadataKind>> = {
 export class MetadataOverlapGuard implements BlockFile {
   readonly #inner: BlockFile
   readonly #clusterSize: number
-  #layout: (() => MetadataLayout) | undefined
-  #builtVersion = ''
+  #layout: MetadataLayout | undefined
+  /** The layout version the cluster map was built for (empty: not built). */
+  #builtVersion: readonly number[] = []
   /** Metadata clusters and every kind each is claimed as (a damaged image may claim two). */
   #clusters = new Map<number, MetadataKind[]>()
 
@@ -49,9 +54,9 @@ export class MetadataOverlapGuard implements BlockFile {
   }
 
   /** Starts checking against `layout` (until then, writes pass unchecked). */
-  attach(layout: () => MetadataLayout): void {
+  attach(layout: MetadataLayout): void {
     this.#layout = layout
-    this.#builtVersion = ''
+    this.#builtVersion = []
   }
 
   get path(): string {
@@ -88,8 +93,8 @@ export class MetadataOverlapGuard implements BlockFile {
 
   #check(hostOffset: number, bytes: number, tag: WriteTag): void {
     if (!this.#layout || bytes === 0) return
-    const layout = this.#layout()
-    if (layout.version !== this.#builtVersion) this.#rebuild(layout)
+    const version = this.#layout.version()
+    if (!sameNumbers(version, this.#builtVersion)) this.#rebuild(this.#layout, version)
     const own = TAG_KIND[tag]
     const first = Math.floor(hostOffset / this.#clusterSize)
     const last = Math.floor((hostOffset + bytes - 1) / this.#clusterSize)
@@ -105,7 +110,7 @@ export class MetadataOverlapGuard implements BlockFile {
     }
   }
 
-  #rebuild(layout: MetadataLayout): void {
+  #rebuild(layout: MetadataLayout, version: readonly number[]): void {
     const clusters = new Map<number, MetadataKind[]>()
     for (const range of layout.ranges()) {
       if (!Number.isSafeInteger(range.hostOffset) || range.hostOffset < 0 || range.bytes <= 0) continue
@@ -118,6 +123,12 @@ export class MetadataOverlapGuard implements BlockFile {
       }
     }
     this.#clusters = clusters
-    this.#builtVersion = layout.version
+    this.#builtVersion = version
   }
+}
+
+function sameNumbers(a: readonly number[], b: readonly number[]): boolean {
+  if (a.length !== b.length) return false
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
+  return true
 }

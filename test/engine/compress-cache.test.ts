@@ -334,7 +334,7 @@ describe('compressed-write cache', () => {
   test('WC-21: a flush that would land on metadata fails through the overlap check of its writer', async () => {
     const { MetadataOverlapGuard } = await import('../../lib/meta/overlap-guard.js')
     const guard = new MetadataOverlapGuard(MemoryBlockFile.fromBytes('img', new Uint8Array(4 * CS)), CS)
-    guard.attach(() => ({ version: '1', ranges: () => [{ kind: 'l2' as const, hostOffset: 2 * CS, bytes: CS }] }))
+    guard.attach({ version: () => [1], ranges: () => [{ kind: 'l2' as const, hostOffset: 2 * CS, bytes: CS }] })
     const cache = new CompressedWriteCache(CS, (buf, hostOffset) => guard.pwrite(buf, hostOffset, 'compressed'))
     cache.write(CS + 10, bytes(10, 1))
     cache.flush(true)
