@@ -9,24 +9,12 @@
  */
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { beforeAll, describe, expect, it } from 'vitest'
 import { Qcow2Image } from '../../lib/image.js'
 import { Qcow2Error } from '../../lib/errors.js'
-import {
-  ensureBuilt,
-  makeTempDir,
-  removeTempDir,
-  run,
-  runCli,
-  sha256File,
-  stderrLines,
-} from './helpers.js'
-import { requireQemu } from '../helpers/qemu.js'
+import { qemuToolsFor, run, runCli, sha256File, stderrLines, useSuiteDir } from './helpers.js'
 
-const qemu = requireQemu('bad-input tests')
-const haveQemu = qemu !== undefined
-const qemuImg = qemu?.qemuImg
-const qemuIo = qemu?.qemuIo
+const { available: haveQemu, qemuImg, qemuIo } = qemuToolsFor('bad-input tests')
 
 const TIME_LIMIT_MS = 10_000
 
@@ -98,19 +86,15 @@ function expectRefused(image: string, patterns: RegExp[], otherFiles: string[] =
 }
 
 describe.skipIf(!haveQemu)('bad input: qcow2fs info refuses damaged and unsupported images', () => {
+  useSuiteDir('bad-input', (made) => (dir = made))
+
   beforeAll(() => {
-    ensureBuilt()
-    dir = makeTempDir('bad-input')
     good4k = path('good4k.qcow2')
     run(qemuImg!, ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', good4k, '4M'])
     run(qemuIo!, ['-c', 'write -P 0x5a 0 64k', '-c', 'write -P 0xa5 3M 64k', good4k])
     good64k = path('good64k.qcow2')
     run(qemuImg!, ['create', '-q', '-f', 'qcow2', good64k, '4M'])
     run(qemuIo!, ['-c', 'write -P 0x5a 0 64k', '-c', 'write -P 0xa5 2M 64k', good64k])
-  })
-
-  afterAll(() => {
-    if (dir) removeTempDir(dir)
   })
 
   it('the undamaged images are accepted (the damage below is what gets refused)', () => {

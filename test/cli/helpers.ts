@@ -1,7 +1,12 @@
 /*
  * Helpers of the CLI tests: run the compiled CLI (building it when it is missing or older than
  * the sources), run a program synchronously, make and remove temp dirs, hash files. qemu-img
- * is located by test/helpers/qemu.ts (requireQemu).
+ * is located by test/helpers/qemu.ts (requireQemu). The set-up of a suite working on images:
+ *
+ *   qemuToolsFor(suite)           qemu-img and qemu-io, or `available: false` (skip the suite)
+ *   useSuiteDir(prefix, setDir)   inside the suite's describe(): before its tests the CLI is
+ *                                 built and a temp dir made (given to setDir), after them the
+ *                                 dir is removed
  */
 import { spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
@@ -9,6 +14,8 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } 
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { afterAll, beforeAll } from 'vitest'
+import { requireQemu } from '../helpers/qemu.js'
 
 export const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
 export const CLI_PATH = join(REPO_ROOT, 'dist', 'cli', 'main.js')
@@ -95,4 +102,27 @@ export function removeTempDir(dir: string): void {
 
 export function sha256File(path: string): string {
   return createHash('sha256').update(readFileSync(path)).digest('hex')
+}
+
+/** qemu-img and qemu-io for `suite` (requireQemu); when missing, `available` is false and both are undefined. */
+export function qemuToolsFor(suite: string): { available: boolean; qemuImg: string | undefined; qemuIo: string | undefined } {
+  const tools = requireQemu(suite)
+  return { available: tools !== undefined, qemuImg: tools?.qemuImg, qemuIo: tools?.qemuIo }
+}
+
+/**
+ * Hooks of a suite that works in a temp dir; call inside its describe(), before its own hooks.
+ * Before the suite's tests the CLI is built (when stale) and a temp dir named after `prefix`
+ * is made and passed to `setDir`; after them the dir is removed.
+ */
+export function useSuiteDir(prefix: string, setDir: (dir: string) => void): void {
+  let made = ''
+  beforeAll(() => {
+    ensureBuilt()
+    made = makeTempDir(prefix)
+    setDir(made)
+  })
+  afterAll(() => {
+    if (made) removeTempDir(made)
+  })
 }

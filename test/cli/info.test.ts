@@ -13,23 +13,12 @@
  */
 import { writeFileSync } from 'node:fs'
 import { dirname, isAbsolute, join, resolve } from 'node:path'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { beforeAll, describe, expect, it } from 'vitest'
 import type { ImageInfo } from '../../lib/image-info.js'
 import { formatSize, formatVmClock } from '../../cli/commands/info.js'
-import {
-  ensureBuilt,
-  makeTempDir,
-  removeTempDir,
-  run,
-  runCli,
-  sha256File,
-} from './helpers.js'
-import { requireQemu } from '../helpers/qemu.js'
+import { qemuToolsFor, run, runCli, sha256File, useSuiteDir } from './helpers.js'
 
-const qemu = requireQemu('qcow2fs info vs qemu-img info')
-const haveQemu = qemu !== undefined
-const qemuImg = qemu?.qemuImg
-const qemuIo = qemu?.qemuIo
+const { available: haveQemu, qemuImg, qemuIo } = qemuToolsFor('qcow2fs info vs qemu-img info')
 
 interface Case {
   name: string
@@ -177,16 +166,12 @@ function withAbsoluteBackingPath(line: string, image: string): string {
 }
 
 describe.skipIf(!haveQemu)('qcow2fs info vs qemu-img info', () => {
+  useSuiteDir('info', (made) => (dir = made))
+
   beforeAll(() => {
-    ensureBuilt()
-    dir = makeTempDir('info')
     for (const c of cases) c.make(dir)
     const absolute = cases.find((c) => c.image === '')!
     absolute.image = join(dir, 'chain', 'top.qcow2')
-  })
-
-  afterAll(() => {
-    if (dir) removeTempDir(dir)
   })
 
   it.each(cases.map((c) => [c.name, c] as const))('--json matches qemu-img key by key: %s', (_name, c) => {
