@@ -3,7 +3,9 @@
 #                  image-locking addon (node-gyp), then tsc
 #   make test      installs what a fresh machine lacks, builds, runs every test (vitest)
 #   make demo      mounts the demo image and shows what fdisk, file and debugfs read from it
-#   make bench     qcow2fs against qemu-storage-daemon's FUSE export: reads (bench/run.sh), writes (bench/write.sh)
+#   make bench     qcow2fs against qemu-storage-daemon's FUSE export: reads (bench/run.sh), writes
+#                  (bench/write.sh); the compressed copy of 1 GiB (mount -o compress) against
+#                  qemu-img convert -c and qsd's compress filter, zlib and zstd (bench/compress.sh)
 #   make fixtures  recreates the committed test images (needs qemu-img, qemu-io)
 #   make fuzz      the fuzz test on many more mutated images (FUZZ_ITERATIONS, default 50000)
 #   make soak      the soak test for SOAK_SECONDS (default 600)
@@ -72,6 +74,7 @@ demo: build
 bench: build
 	bash bench/run.sh
 	bash bench/write.sh
+	bash bench/compress.sh
 
 # The fuzz test of make test (2,000 mutated images), longer: FUZZ_ITERATIONS images from
 # FUZZ_SEED_START (default 1).

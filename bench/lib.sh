@@ -167,7 +167,7 @@ qcow2fs_option_string() { # READ_ONLY(true|false) LOGFILE
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # PID
   local stat fields
-  stat=$(<"/proc/$1/stat") || die "server process $1 is gone"
+  read -r stat <"/proc/$1/stat" || die "server process $1 is gone"
   # Fields after "pid (comm) ": state is the first, utime the 12th, stime the 13th.
   read -r -a fields <<<"${stat##*) }"
   echo $((fields[11] + fields[12]))
@@ -220,7 +220,7 @@ machine_meta() { # BUSY_BEFORE BUSY_AFTER
   printf 'kernel=%s\n' "$(uname -sr)"
   printf 'node=%s\n' "$(node --version)"
   printf 'qemu=%s\n' "$(qemu-storage-daemon --version | head -n 1)"
-  printf 'fio=%s\n' "$(fio --version)"
+  printf 'fio=%s\n' "$(if command -v fio >/dev/null; then fio --version; else echo 'fio not installed'; fi)"
   printf 'fuse_native=%s\n' "$(node -p 'require("./node_modules/fuse-native/package.json").version')"
 }
 
