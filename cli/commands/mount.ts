@@ -16,6 +16,7 @@ import { resolve } from 'node:path'
 import { describeError } from '../../lib/errors.js'
 import { ensureRuntimeDir, removeIfEmpty, serverLogPath } from '../../lib/fuse/control.js'
 import { MountFailure, MountServer, type ServerOptions } from '../../lib/fuse/server.js'
+import type { DeflateChoice } from '../../lib/engine/compress/compressor.js'
 import { Qcow2Image } from '../../lib/image.js'
 import { log } from '../../lib/log.js'
 import { EXIT_FAILURE, EXIT_OK, UsageError, parseCommandArgs, type Command } from '../command.js'
@@ -44,10 +45,12 @@ export interface MountOptions {
   compress?: boolean
   /** Bound of the staging memory of partial writes with compress (-o compress-staging=BYTES). */
   compressStagingBytes?: number
+  /** Which deflate compress uses for zlib images (-o compress-zlib=fast|qemu). */
+  compressZlib?: DeflateChoice
 }
 
 const KNOWN_OPTIONS =
-  'ro, rw, fixed-size, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other, nolock, compress, compress-staging=BYTES[K|M|G]'
+  'ro, rw, fixed-size, snapshot=NAME|ID, cache-size=BYTES[K|M|G], allow_other, nolock, compress, compress-staging=BYTES[K|M|G], compress-zlib=fast|qemu'
 
 /** BYTES with an optional K, M or G (binary) suffix. */
 export function parseByteSize(text: string): number | undefined {
@@ -90,6 +93,12 @@ export function parseMountOptions(lists: readonly string[]): MountOptions {
           opts.compressStagingBytes = bytes
           break
         }
+        case 'compress-zlib':
+          if (value !== 'fast' && value !== 'qemu') {
+            throw new UsageError(`bad mount option 'compress-zlib=${value ?? ''}': expected fast or qemu`)
+          }
+          opts.compressZlib = value
+          break
         case 'snapshot':
           if (!value) throw new UsageError(`mount option 'snapshot' needs a value: snapshot=NAME|ID`)
           opts.snapshot = value
@@ -109,6 +118,9 @@ export function parseMountOptions(lists: readonly string[]): MountOptions {
   }
   if (opts.compressStagingBytes !== undefined && !opts.compress) {
     throw new UsageError(`mount option 'compress-staging' needs 'compress'`)
+  }
+  if (opts.compressZlib !== undefined && !opts.compress) {
+    throw new UsageError(`mount option 'compress-zlib' needs 'compress'`)
   }
   if (opts.compress && (opts.access === 'ro' || opts.snapshot !== undefined)) {
     throw new UsageError(`mount option 'compress' writes: it cannot be combined with '${opts.snapshot !== undefined ? 'snapshot' : 'ro'}'`)
@@ -147,7 +159,7 @@ function parseMountArgs(values: { options?: string[] }, positionals: string[]): 
  * open but opens read-only is served read-only, and `notes` gets a line saying why.
  */
 async function openImage(imagePath: string, opts: MountOptions, notes: string[]): Promise<Qcow2Image> {
-  const compress = opts.compress ? { stagingBytes: opts.compressStagingBytes } : undefined
+  const compress = opts.compress ? { stagingBytes: opts.compressStagingBytes, deflate: opts.compressZlib } : undefined
   const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes, lock: opts.lock, compress }
   // A read-write open of a dirty image repairs it first and leaves a note in `notes`.
   if (opts.access !== 'auto') return Qcow2Image.open(imagePath, { ...open, readOnly: opts.access === 'ro', notes })
@@ -329,6 +341,10 @@ export const mountCommand: Command = {
     '                      compress-staging=BYTES[K|M|G]  memory for partial writes waiting',
     '                                            for their cluster to fill (default 64M; 0:',
     '                                            partial writes are stored uncompressed)',
+    '                      compress-zlib=fast|qemu  deflate for zlib images: fast (the default,',
+    "                                            Node's zlib: 1.5-1.8x faster, images 0-3%",
+    '                                            larger) or qemu (the system zlib: exactly the',
+    '                                            size of qemu-img convert -c)',
     '  -f, --foreground  run the server in the foreground until unmounted',
     '',
     'Server logs: DEBUG=qcow2fs:* qcow2fs mount ...; the background server writes them to a',

@@ -35,6 +35,14 @@ describe('compress mount options', () => {
     expect(parseMountOptions([])).not.toHaveProperty('compress')
   })
 
+  it('compress-zlib=fast|qemu', () => {
+    expect(parseMountOptions(['compress'])).not.toHaveProperty('compressZlib')
+    expect(parseMountOptions(['compress,compress-zlib=qemu'])).toMatchObject({ compress: true, compressZlib: 'qemu' })
+    expect(parseMountOptions(['compress,compress-zlib=qemu', 'compress-zlib=fast'])).toMatchObject({ compressZlib: 'fast' })
+    expect(() => parseMountOptions(['compress,compress-zlib=system'])).toThrow(/expected fast or qemu/)
+    expect(() => parseMountOptions(['compress-zlib=qemu'])).toThrow(/needs 'compress'/)
+  })
+
   it('refuses bad values and combinations with read-only mounts, as usage errors', () => {
     for (const bad of ['compress=1', 'compress,compress-staging=', 'compress,compress-staging=-1', 'compress,compress-staging=1T', 'compress-staging=8M', 'ro,compress', 'compress,snapshot=s1']) {
       expect(() => parseMountOptions([bad]), bad).toThrow(UsageError)

@@ -42,7 +42,7 @@ import type { Refcounts } from '../../meta/refcounts.js'
 import type { RoutedChunk, WritePath, WriteRouter } from '../write-path.js'
 import { isAllZero } from '../write-path.js'
 import { type CacheStats, CompressedWriteCache } from './compressed-cache.js'
-import { type ClusterCompressor, makeCompressor } from './compressor.js'
+import { type ClusterCompressor, type DeflateChoice, makeCompressor } from './compressor.js'
 import { Packer } from './packer.js'
 import { Staging } from './staging.js'
 
@@ -58,6 +58,8 @@ export interface CompressOptions {
   maxJobs?: number
   /** The compressor (default: the image's compression type, on every core). */
   compressor?: ClusterCompressor
+  /** Which deflate the default compressor uses for zlib images (compressor.ts). */
+  deflate?: DeflateChoice
 }
 
 /** What the pipeline needs from the image. */
@@ -133,7 +135,7 @@ export class CompressedWrites implements WriteRouter {
   constructor(host: PipelineHost, options: CompressOptions = {}) {
     this.#host = host
     this.#g = host.geometry
-    this.#compressor = options.compressor ?? makeCompressor(host.compressionType)
+    this.#compressor = options.compressor ?? makeCompressor(host.compressionType, undefined, options.deflate)
     this.#maxJobs = Math.max(1, options.maxJobs ?? JOBS_PER_CORE * availableParallelism())
     this.staging = new Staging(this.#g.clusterSize, options.stagingBytes ?? DEFAULT_STAGING_BYTES)
     this.cache = new CompressedWriteCache(this.#g.clusterSize, (buf, hostOffset) => host.writeCompressed(buf, hostOffset))
