@@ -33,7 +33,8 @@ $(NODE_MODULES_STAMP): package-lock.json
 	$(NPM) ci || { echo "npm ci failed; installing the lock with npm install --no-save"; $(NPM) install --no-save; }
 	@touch $@
 
-# The image-locking addon (lib/io/native/, binding.gyp): node-gyp (the one npm ships) builds it
+# The native addons (binding.gyp: image locks and file holes in lib/io/native/, QEMU's deflate
+# and zstd in lib/engine/compress/native/): node-gyp (the one npm ships) builds them
 # against the headers of the Node that runs it. Where that Node's prefix has include/node (a
 # distribution's Node does), they are used from there, so nothing is downloaded.
 ADDON := build/Release/ofd_lock.node
@@ -41,7 +42,8 @@ NODE_PREFIX := $(shell node -p 'require("path").resolve(process.execPath, "../..
 NODE_GYP_FLAGS := $(if $(wildcard $(NODE_PREFIX)/include/node/node_api.h),--nodedir=$(NODE_PREFIX))
 
 # node-gyp builds every target of binding.gyp, so one rule stands for all the addons.
-$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/engine/compress/native/qemu_deflate.c
+$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/engine/compress/native/qemu_deflate.c \
+		lib/engine/compress/native/qemu_zstd.c
 	$(NPM) run build:native -- $(NODE_GYP_FLAGS)
 
 build: $(NODE_MODULES_STAMP) $(ADDON)

@@ -1,6 +1,7 @@
 # The native addons of lib/io: image locks (lib/io/native/ofd_lock.c) and file holes for map
-# (lib/io/native/file_extents.c); and QEMU's deflate for compressed writes
-# (lib/engine/compress/native/qemu_deflate.c). Each file says why it exists.
+# (lib/io/native/file_extents.c); and QEMU's deflate
+# (lib/engine/compress/native/qemu_deflate.c) and zstd (lib/engine/compress/native/qemu_zstd.c)
+# for compressed writes. Each file says why it exists.
 # Built by `make build` (node-gyp rebuild, against the running Node's own headers).
 {
   "targets": [
@@ -10,6 +11,13 @@
       "defines": ["NAPI_VERSION=8"],
       "cflags": ["-Wall", "-Wextra"],
       "libraries": ["-ldl"]
+    },
+    {
+      "target_name": "qemu_zstd",
+      "sources": ["lib/engine/compress/native/qemu_zstd.c"],
+      "defines": ["NAPI_VERSION=8"],
+      "cflags": ["-Wall", "-Wextra"],
+      "libraries": ["-ldl", "-lpthread"]
     },
     {
       "target_name": "ofd_lock",

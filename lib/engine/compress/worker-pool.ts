@@ -1,9 +1,11 @@
 /*
  * A pool of worker threads that compress clusters (compressor.ts says with what): raw deflate
  * through the system zlib (the qemu_deflate addon) or node:zlib's synchronous call, or zstd
- * through @bokuweb/zstd-wasm (each worker loads its own WebAssembly instance). A job goes to the worker with the fewest jobs queued; its
- * buffers are transferred (not copied) both ways. Workers start on the first job and are
- * referenced only while they have work, so an idle pool never keeps the process alive.
+ * through the system libzstd (the qemu_zstd addon, which keeps one compression context per
+ * worker) or @bokuweb/zstd-wasm (each worker loads its own WebAssembly instance). A job goes to
+ * the worker with the fewest jobs queued; its buffers are transferred (not copied) both ways.
+ * Workers start on the first job and are referenced only while they have work, so an idle pool
+ * never keeps the process alive.
  *
  * Why workers for zlib too: node:zlib's asynchronous calls do compress on the thread pool, but
  * each call also costs about as much event-loop time as the compression itself (stream set-up,
@@ -21,7 +23,11 @@ const WORKER_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads')
 let compress
 let ready = Promise.resolve()
-if (workerData.codec === 'zstd') {
+if (workerData.codec === 'zstd' && workerData.addonPath) {
+  // One ZSTD_compressStream2(ZSTD_e_end) into cluster size - 1 bytes, as QEMU does: undefined if it does not fit.
+  const qemu = require(workerData.addonPath)
+  compress = (input) => qemu.compress(input, input.length - 1, workerData.zstdLevel)
+} else if (workerData.codec === 'zstd') {
   const zstd = require(workerData.modulePath)
   ready = zstd.init()
   compress = (input) => zstd.compress(input, workerData.zstdLevel)
@@ -46,9 +52,10 @@ parentPort.on('message', (job) => {
 
 /**
  * What the workers compress with. zlib: with `addonPath`, the system zlib through the
- * qemu_deflate addon; without, node:zlib.
+ * qemu_deflate addon; without, node:zlib. zstd: with `addonPath`, the system libzstd through the
+ * qemu_zstd addon; without, @bokuweb/zstd-wasm.
  */
-export type PoolCodec = { codec: 'zlib'; deflateOptions: Record<string, number>; addonPath?: string } | { codec: 'zstd'; zstdLevel: number }
+export type PoolCodec = { codec: 'zlib'; deflateOptions: Record<string, number>; addonPath?: string } | { codec: 'zstd'; zstdLevel: number; addonPath?: string }
 
 interface Job {
   /** The stream, or undefined when it did not fit in the cluster (only the addon says so). */
@@ -103,7 +110,8 @@ export class CompressionPool {
   }
 
   #spawn(): PoolWorker {
-    const modulePath = this.#codec.codec === 'zstd' ? createRequire(import.meta.url).resolve('@bokuweb/zstd-wasm') : undefined
+    const wasm = this.#codec.codec === 'zstd' && !this.#codec.addonPath
+    const modulePath = wasm ? createRequire(import.meta.url).resolve('@bokuweb/zstd-wasm') : undefined
     const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { ...this.#codec, modulePath } })
     worker.unref()
     const slot: PoolWorker = { worker, jobs: new Map() }
