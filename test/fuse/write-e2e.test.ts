@@ -14,7 +14,7 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { controlSocketPath, sendControlRequest } from '../../lib/fuse/control.js'
 import { REPO_ROOT, ensureBuilt } from '../cli/helpers.js'
-import { CliMounts, expectIdentical } from '../helpers/cli-mounts.js'
+import { CliMounts, expectExt4Holds, expectIdentical, makeExt4With } from '../helpers/cli-mounts.js'
 import { convertToRaw, makeTempDir, qemuImg, qemuInfo, qemuIo, removeTempDir, requireQemu, run } from '../helpers/qemu.js'
 import { forceUnmount, isMounted, processRuns, runProcess, waitFor } from './helpers.js'
 
@@ -182,40 +182,18 @@ describe.skipIf(!qemu)('writable mounts end to end', () => {
     const image = join(dir, 'ext4.qcow2')
     await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '256M'])
     const { mnt, raw } = await mounts.mountImage(image)
-    const mkfs = await runProcess('mkfs.ext4', ['-q', '-F', raw])
-    expect(mkfs.code, mkfs.stderr).toBe(0)
-
     const tree = join(dir, 'tree')
     await mkdir(join(tree, 'big'), { recursive: true })
     await writeFile(join(tree, 'big', 'sample.bin'), sampleData(20 * MiB + 123, 4))
     for (let i = 0; i < 50; i++) await writeFile(join(tree, `note-${i}.txt`), `note ${i}\n`.repeat(i * 37 + 1))
     const loop = await mounts.newLoopMountpoint()
-    let r = await runProcess('mount', ['-o', 'loop', raw, loop])
-    expect(r.code, r.stderr).toBe(0)
-    r = await runProcess('cp', ['-a', tree, join(REPO_ROOT, 'fixtures'), loop])
-    expect(r.code, r.stderr).toBe(0)
-    r = await runProcess('umount', [loop])
-    expect(r.code, r.stderr).toBe(0)
+    const sources = [tree, join(REPO_ROOT, 'fixtures')]
+    await makeExt4With(raw, loop, sources)
     await mounts.unmount(mnt)
     await expectClean(tools, image)
 
     const again = await mounts.mountImage(image)
-    const fsck = await runProcess('e2fsck', ['-fn', again.raw])
-    expect(fsck.code, `${fsck.stdout.toString()}${fsck.stderr}`).toBe(0)
-    r = await runProcess('mount', ['-o', 'loop,ro', again.raw, loop])
-    expect(r.code, r.stderr).toBe(0)
-    try {
-      for (const [copy, original] of [
-        [join(loop, 'tree'), tree],
-        [join(loop, 'fixtures'), join(REPO_ROOT, 'fixtures')],
-      ] as const) {
-        const diff = await runProcess('diff', ['-r', original, copy])
-        expect(diff.code, diff.stdout.toString()).toBe(0)
-      }
-    } finally {
-      r = await runProcess('umount', [loop])
-      expect(r.code, r.stderr).toBe(0)
-    }
+    await expectExt4Holds(again.raw, loop, sources)
     await mounts.unmount(again.mnt)
     await expectClean(tools, image)
   }, 180_000)

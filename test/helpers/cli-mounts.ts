@@ -14,9 +14,13 @@
  *                                   fusermount -uz, the server log removed
  *
  *   expectIdentical(tools, raw, image)   `qemu-img compare` of a raw file and a qcow2 image
+ *   makeExt4With(raw, loop, sources)     mkfs.ext4 on a raw file, a loop mount, cp -a of the
+ *                                        sources into it, umount
+ *   expectExt4Holds(raw, loop, sources)  e2fsck -fn finds nothing; a read-only loop mount holds
+ *                                        each source (diff -r) under its base name
  */
 import { mkdir, rm } from 'node:fs/promises'
-import { join } from 'node:path'
+import { basename, join } from 'node:path'
 import { expect } from 'vitest'
 import { serverLogPath } from '../../lib/fuse/control.js'
 import { CLI_PATH } from '../cli/helpers.js'
@@ -87,4 +91,33 @@ export class CliMounts {
 export async function expectIdentical(tools: QemuTools, raw: string, image: string): Promise<void> {
   const r = await runProcess(tools.qemuImg, ['compare', '-f', 'raw', '-F', 'qcow2', raw, image])
   expect(r.code, `${r.stdout.toString()}${r.stderr}`).toBe(0)
+}
+
+/** mkfs.ext4 on `raw`, a loop mount at `loop`, `cp -a` of every source into it, umount. */
+export async function makeExt4With(raw: string, loop: string, sources: string[]): Promise<void> {
+  const mkfs = await runProcess('mkfs.ext4', ['-q', '-F', raw])
+  expect(mkfs.code, mkfs.stderr).toBe(0)
+  let r = await runProcess('mount', ['-o', 'loop', raw, loop])
+  expect(r.code, r.stderr).toBe(0)
+  r = await runProcess('cp', ['-a', ...sources, loop])
+  expect(r.code, r.stderr).toBe(0)
+  r = await runProcess('umount', [loop])
+  expect(r.code, r.stderr).toBe(0)
+}
+
+/** e2fsck -fn of `raw` is clean, and a read-only loop mount of it holds every source unchanged. */
+export async function expectExt4Holds(raw: string, loop: string, sources: string[]): Promise<void> {
+  const fsck = await runProcess('e2fsck', ['-fn', raw])
+  expect(fsck.code, `${fsck.stdout.toString()}${fsck.stderr}`).toBe(0)
+  let r = await runProcess('mount', ['-o', 'loop,ro', raw, loop])
+  expect(r.code, r.stderr).toBe(0)
+  try {
+    for (const original of sources) {
+      const diff = await runProcess('diff', ['-r', original, join(loop, basename(original))])
+      expect(diff.code, diff.stdout.toString()).toBe(0)
+    }
+  } finally {
+    r = await runProcess('umount', [loop])
+    expect(r.code, r.stderr).toBe(0)
+  }
 }
