@@ -13,13 +13,16 @@
  * a Buffer with the stream, or undefined when it does not fit in outputLimit bytes (QEMU's
  * "could not compress"), like one deflate(Z_FINISH) call into a buffer of that size.
  * version() returns the system zlib's version, or undefined when libz.so.1 cannot be loaded
- * (the caller then uses node:zlib).
+ * (the caller then uses node:zlib). The N-API parts it shares with qemu_zstd.c (arguments,
+ * the result Buffer, undefined) are in napi_cluster.h.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <node_api.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "napi_cluster.h"
 
 /* zlib's z_stream, field for field (its layout has not changed since zlib 1.0). */
 typedef struct {
@@ -70,45 +73,24 @@ static int load_zlib(void) {
   return 1;
 }
 
-static napi_value undefined_value(napi_env env) {
-  napi_value out;
-  napi_get_undefined(env, &out);
-  return out;
-}
-
 static napi_value version_call(napi_env env, napi_callback_info info) {
   (void)info;
-  if (!load_zlib()) return undefined_value(env);
-  napi_value out;
-  napi_create_string_utf8(env, z_version(), NAPI_AUTO_LENGTH, &out);
-  return out;
+  return cluster_version(env, load_zlib() ? z_version() : NULL);
 }
 
 static napi_value deflate_call(napi_env env, napi_callback_info info) {
-  size_t argc = 6;
-  napi_value argv[6];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 6) {
-    napi_throw_type_error(env, NULL, "deflate(input, outputLimit, level, windowBits, memLevel, strategy)");
+  const void *input;
+  size_t length;
+  int32_t ints[5];
+  if (!cluster_args(env, info, "deflate(input, outputLimit, level, windowBits, memLevel, strategy)", 5, &input, &length, ints)) {
     return NULL;
   }
+  int32_t limit = ints[0], level = ints[1], window_bits = ints[2], mem_level = ints[3], strategy = ints[4];
   if (!load_zlib()) {
     napi_throw_error(env, NULL, "libz.so.1 cannot be loaded");
     return NULL;
   }
-  napi_typedarray_type type;
-  size_t length;
-  void *input;
-  if (napi_get_typedarray_info(env, argv[0], &type, &length, &input, NULL, NULL) != napi_ok || type != napi_uint8_array) {
-    napi_throw_type_error(env, NULL, "input must be a Uint8Array");
-    return NULL;
-  }
-  int32_t limit, level, window_bits, mem_level, strategy;
-  napi_get_value_int32(env, argv[1], &limit);
-  napi_get_value_int32(env, argv[2], &level);
-  napi_get_value_int32(env, argv[3], &window_bits);
-  napi_get_value_int32(env, argv[4], &mem_level);
-  napi_get_value_int32(env, argv[5], &strategy);
-  if (limit <= 0) return undefined_value(env);
+  if (limit <= 0) return cluster_undefined(env);
   unsigned char *out = malloc((size_t)limit);
   if (!out) {
     napi_throw_error(env, NULL, "out of memory");
@@ -128,17 +110,13 @@ static napi_value deflate_call(napi_env env, napi_callback_info info) {
   int status = z_deflate(&stream, Z_FINISH);
   size_t produced = (size_t)limit - stream.avail_out;
   z_end(&stream);
-  napi_value result = undefined_value(env);
-  if (status == Z_STREAM_END) napi_create_buffer_copy(env, produced, out, NULL, &result);
+  napi_value result = status == Z_STREAM_END ? cluster_result(env, out, produced) : cluster_undefined(env);
   free(out);
   return result;
 }
 
 NAPI_MODULE_INIT() {
-  napi_value fn;
-  napi_create_function(env, "deflate", NAPI_AUTO_LENGTH, deflate_call, NULL, &fn);
-  napi_set_named_property(env, exports, "deflate", fn);
-  napi_create_function(env, "version", NAPI_AUTO_LENGTH, version_call, NULL, &fn);
-  napi_set_named_property(env, exports, "version", fn);
+  cluster_export(env, exports, "deflate", deflate_call);
+  cluster_export(env, exports, "version", version_call);
   return exports;
 }

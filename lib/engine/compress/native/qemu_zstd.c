@@ -25,13 +25,16 @@
  * environment), reset with its parameters before every frame: a reused context makes the same
  * frames as a fresh one, without allocating its tables for every cluster. The output buffer is
  * kept with it. version() returns libzstd's version, or undefined when libzstd.so.1 cannot be
- * loaded (the caller then uses the WebAssembly build).
+ * loaded (the caller then uses the WebAssembly build). The N-API parts it shares with
+ * qemu_deflate.c (arguments, the result Buffer, undefined) are in napi_cluster.h.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <node_api.h>
 #include <pthread.h>
 #include <stdlib.h>
+
+#include "napi_cluster.h"
 
 /* zstd's stream buffers (zstd.h), field for field. */
 typedef struct {
@@ -111,18 +114,9 @@ static void free_state(napi_env env, void *data, void *hint) {
   free(state);
 }
 
-static napi_value undefined_value(napi_env env) {
-  napi_value out;
-  napi_get_undefined(env, &out);
-  return out;
-}
-
 static napi_value version_call(napi_env env, napi_callback_info info) {
   (void)info;
-  if (!load_zstd()) return undefined_value(env);
-  napi_value out;
-  napi_create_string_utf8(env, zstd.version(), NAPI_AUTO_LENGTH, &out);
-  return out;
+  return cluster_version(env, load_zstd() ? zstd.version() : NULL);
 }
 
 /* This environment's context and an output buffer of at least `limit` bytes; NULL (thrown) if not. */
@@ -156,29 +150,16 @@ static env_state *state_for(napi_env env, size_t limit) {
 }
 
 static napi_value compress_call(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3) {
-    napi_throw_type_error(env, NULL, "compress(input, outputLimit, level)");
-    return NULL;
-  }
+  const void *input;
+  size_t length;
+  int32_t ints[2];
+  if (!cluster_args(env, info, "compress(input, outputLimit, level)", 2, &input, &length, ints)) return NULL;
+  int32_t limit = ints[0], level = ints[1];
   if (!load_zstd()) {
     napi_throw_error(env, NULL, "libzstd.so.1 cannot be loaded");
     return NULL;
   }
-  napi_typedarray_type type;
-  size_t length;
-  void *input;
-  if (napi_get_typedarray_info(env, argv[0], &type, &length, &input, NULL, NULL) != napi_ok || type != napi_uint8_array) {
-    napi_throw_type_error(env, NULL, "input must be a Uint8Array");
-    return NULL;
-  }
-  int32_t limit, level;
-  if (napi_get_value_int32(env, argv[1], &limit) != napi_ok || napi_get_value_int32(env, argv[2], &level) != napi_ok) {
-    napi_throw_type_error(env, NULL, "outputLimit and level must be numbers");
-    return NULL;
-  }
-  if (limit <= 0) return undefined_value(env);
+  if (limit <= 0) return cluster_undefined(env);
   env_state *state = state_for(env, (size_t)limit);
   if (!state) return NULL;
   size_t status = zstd.reset(state->cctx, ZSTD_RESET_SESSION_AND_PARAMETERS);
@@ -191,17 +172,12 @@ static napi_value compress_call(napi_env env, napi_callback_info info) {
   zstd_out out = {state->out, (size_t)limit, 0};
   /* 0: the frame is complete. More: it does not fit (or an error); QEMU stores such a cluster
    * uncompressed, and so does the caller. The next call resets the context. */
-  if (zstd.compress_stream2(state->cctx, &out, &in, ZSTD_E_END) != 0) return undefined_value(env);
-  napi_value result;
-  if (napi_create_buffer_copy(env, out.pos, state->out, NULL, &result) != napi_ok) return NULL;
-  return result;
+  if (zstd.compress_stream2(state->cctx, &out, &in, ZSTD_E_END) != 0) return cluster_undefined(env);
+  return cluster_result(env, state->out, out.pos);
 }
 
 NAPI_MODULE_INIT() {
-  napi_value fn;
-  napi_create_function(env, "compress", NAPI_AUTO_LENGTH, compress_call, NULL, &fn);
-  napi_set_named_property(env, exports, "compress", fn);
-  napi_create_function(env, "version", NAPI_AUTO_LENGTH, version_call, NULL, &fn);
-  napi_set_named_property(env, exports, "version", fn);
+  cluster_export(env, exports, "compress", compress_call);
+  cluster_export(env, exports, "version", version_call);
   return exports;
 }
