@@ -74,26 +74,53 @@ interface QemuDeflateAddon {
   version(): string | undefined
 }
 
-let addon: { path: string; calls: QemuDeflateAddon } | null | undefined
+/** An addon that was loaded: its file (for the worker threads) and its calls. */
+interface LoadedAddon<Calls> {
+  path: string
+  calls: Calls
+}
+
+/** What loadAddon needs to know about one addon, and what it logs. */
+interface AddonSpec {
+  /** The file name in build/Release, without '.node'. */
+  name: string
+  /** The system library the addon dlopens, for the error when its version() is undefined. */
+  library: string
+  /** The log line's prefix: 'deflate' or 'zstd'. */
+  codec: string
+  /** What is used when the addon is: 'the system zlib'. */
+  native: string
+  /** What is used when it is not: 'node:zlib'. */
+  fallback: string
+}
 
 /**
- * The addon, from build/Release of the package root (the repository, both for these sources
- * and for dist/), when it is built and the system zlib loads; null otherwise.
+ * The addon `spec.name`, from build/Release of the package root (the repository, both for these
+ * sources and for dist/), when it is built and its version() answers (the system library it
+ * opens loads); null otherwise. Logs which implementation the codec uses.
  */
-function qemuDeflate(): { path: string; calls: QemuDeflateAddon } | null {
-  if (addon !== undefined) return addon
+function loadAddon<Calls extends { version(): string | undefined }>(spec: AddonSpec): LoadedAddon<Calls> | null {
   const lib = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
   const root = path.basename(path.dirname(lib)) === 'dist' ? path.dirname(path.dirname(lib)) : path.dirname(lib)
-  const file = path.join(root, 'build', 'Release', 'qemu_deflate.node')
+  const file = path.join(root, 'build', 'Release', `${spec.name}.node`)
   try {
-    const calls = createRequire(import.meta.url)(file) as QemuDeflateAddon
+    const calls = createRequire(import.meta.url)(file) as Calls
     const version = calls.version()
-    if (version === undefined) throw new Error('libz.so.1 cannot be loaded')
-    addon = { path: file, calls }
-    log.compress('deflate: the system zlib %s (%s)', version, file)
+    if (version === undefined) throw new Error(`${spec.library} cannot be loaded`)
+    log.compress('%s: %s %s (%s)', spec.codec, spec.native, version, file)
+    return { path: file, calls }
   } catch (err) {
-    addon = null
-    log.compress('deflate: node:zlib (the qemu_deflate addon is not usable: %s)', (err as Error).message)
+    log.compress('%s: %s (the %s addon is not usable: %s)', spec.codec, spec.fallback, spec.name, (err as Error).message)
+    return null
+  }
+}
+
+let addon: LoadedAddon<QemuDeflateAddon> | null | undefined
+
+/** The qemu_deflate addon when it is built and the system zlib loads; null otherwise. */
+function qemuDeflate(): LoadedAddon<QemuDeflateAddon> | null {
+  if (addon === undefined) {
+    addon = loadAddon({ name: 'qemu_deflate', library: 'libz.so.1', codec: 'deflate', native: 'the system zlib', fallback: 'node:zlib' })
   }
   return addon
 }
@@ -155,26 +182,12 @@ interface QemuZstdAddon {
   version(): string | undefined
 }
 
-let zstdAddon: { path: string; calls: QemuZstdAddon } | null | undefined
+let zstdAddon: LoadedAddon<QemuZstdAddon> | null | undefined
 
-/**
- * The qemu_zstd addon, from build/Release of the package root (as the qemu_deflate addon), when
- * it is built and the system libzstd loads; null otherwise.
- */
-function qemuZstd(): { path: string; calls: QemuZstdAddon } | null {
-  if (zstdAddon !== undefined) return zstdAddon
-  const lib = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
-  const root = path.basename(path.dirname(lib)) === 'dist' ? path.dirname(path.dirname(lib)) : path.dirname(lib)
-  const file = path.join(root, 'build', 'Release', 'qemu_zstd.node')
-  try {
-    const calls = createRequire(import.meta.url)(file) as QemuZstdAddon
-    const version = calls.version()
-    if (version === undefined) throw new Error('libzstd.so.1 cannot be loaded')
-    zstdAddon = { path: file, calls }
-    log.compress('zstd: the system libzstd %s (%s)', version, file)
-  } catch (err) {
-    zstdAddon = null
-    log.compress('zstd: @bokuweb/zstd-wasm (the qemu_zstd addon is not usable: %s)', (err as Error).message)
+/** The qemu_zstd addon when it is built and the system libzstd loads; null otherwise. */
+function qemuZstd(): LoadedAddon<QemuZstdAddon> | null {
+  if (zstdAddon === undefined) {
+    zstdAddon = loadAddon({ name: 'qemu_zstd', library: 'libzstd.so.1', codec: 'zstd', native: 'the system libzstd', fallback: '@bokuweb/zstd-wasm' })
   }
   return zstdAddon
 }
