@@ -43,7 +43,7 @@ NODE_GYP_FLAGS := $(if $(wildcard $(NODE_PREFIX)/include/node/node_api.h),--node
 
 # node-gyp builds every target of binding.gyp, so one rule stands for all the addons.
 $(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/engine/compress/native/qemu_deflate.c \
-		lib/engine/compress/native/qemu_zstd.c
+		lib/engine/compress/native/qemu_zstd.c lib/engine/compress/native/napi_cluster.h
 	$(NPM) run build:native -- $(NODE_GYP_FLAGS)
 
 build: $(NODE_MODULES_STAMP) $(ADDON)
