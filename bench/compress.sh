@@ -52,7 +52,6 @@ LOG_TAG=bench-compress
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench-compress}
 REPS=${BENCH_REPS:-3}
 DATA_MIB=${BENCH_COMPRESS_MIB:-1024}
 ALL_CODECS="zlib zstd"
@@ -63,17 +62,8 @@ COPY=${BENCH_COMPRESS_COPY:-cp}
 UPDATE_DOC=${BENCH_UPDATE_DOC:-1}
 MOUNT_TIMEOUT_S=30
 STOP_TIMEOUT_S=300
-RESULTS_DIR=$ROOT/bench/results
-CLI=$ROOT/dist/cli/main.js
 
-mkdir -p "$WORK_DIR"
-WORK_DIR=$(cd -- "$WORK_DIR" && pwd)
-IMAGE_DIR=$WORK_DIR/images
-MNT_ROOT=$WORK_DIR/mnt
-LOG_DIR=$WORK_DIR/logs
-SAMPLES=$WORK_DIR/samples.tsv
-META=$WORK_DIR/meta.env
-DATA_RAW=$IMAGE_DIR/data.raw
+set_work_dir "$ROOT/.tmp/bench-compress"
 DATA_BYTES=$((DATA_MIB * 1024 * 1024))
 # Bump when make-data.mjs changes, so cached data is rebuilt.
 DATA_RECIPE="v1 size=${DATA_MIB}MiB"
@@ -88,21 +78,15 @@ require_tools node npx qemu-img qemu-storage-daemon fusermount findmnt dd cp sta
 require_positive_int BENCH_REPS "$REPS"
 require_positive_int BENCH_COMPRESS_MIB "$DATA_MIB"
 ((${#CODECS[@]} > 0)) || die "BENCH_COMPRESS_CODECS is empty"
-for codec in "${CODECS[@]}"; do
-  [[ " $ALL_CODECS " == *" $codec "* ]] || die "unknown codec in BENCH_COMPRESS_CODECS: $codec (known: $ALL_CODECS)"
-done
-for kind in $TARGET_KINDS; do
-  [[ " $ALL_TARGETS " == *" $kind "* ]] || die "unknown kind in BENCH_TARGETS: $kind (known: $ALL_TARGETS)"
-done
+require_known BENCH_COMPRESS_CODECS codec "$ALL_CODECS" "${CODECS[@]}"
+# shellcheck disable=SC2086 # TARGET_KINDS is a list of words
+require_known BENCH_TARGETS kind "$ALL_TARGETS" $TARGET_KINDS
 [[ $COPY == cp || $COPY == dd ]] || die "BENCH_COMPRESS_COPY must be cp or dd"
 if [[ ${CODECS[*]} != "$ALL_CODECS" || $TARGET_KINDS != " $ALL_TARGETS " || $COPY != cp ]]; then
-  log "partial run (BENCH_TARGETS=${BENCH_TARGETS:-}, BENCH_COMPRESS_CODECS=${BENCH_COMPRESS_CODECS:-}, BENCH_COMPRESS_COPY=$COPY): docs/PERFORMANCE.md is left alone"
-  UPDATE_DOC=0
+  leave_doc_alone "partial run (BENCH_TARGETS=${BENCH_TARGETS:-}, BENCH_COMPRESS_CODECS=${BENCH_COMPRESS_CODECS:-}, BENCH_COMPRESS_COPY=$COPY)"
 fi
 
-mkdir -p "$IMAGE_DIR" "$MNT_ROOT" "$LOG_DIR" "$RESULTS_DIR"
-clear_stale_mounts "$MNT_ROOT"
-rm -rf "${MNT_ROOT:?}"/* "${LOG_DIR:?}"/* "${IMAGE_DIR:?}"/run-*
+prepare_work_dir
 
 # ---------------------------------------------------------------------------------------------
 # Build
@@ -112,14 +96,9 @@ if wants qcow2fs; then build_if_stale; fi
 # ---------------------------------------------------------------------------------------------
 # Data (cached in the work dir between runs)
 
-if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$DATA_RECIPE" || ! -f $DATA_RAW ]]; then
-  rm -f "$IMAGE_DIR/recipe" "$DATA_RAW"
-  avail_kib=$(df -Pk "$IMAGE_DIR" | awk 'NR==2 {print $4}')
-  need_kib=$((DATA_MIB * 1024 * 11 / 5 + 256 * 1024))
-  ((avail_kib >= need_kib)) || die "$IMAGE_DIR needs $((need_kib / 1024)) MiB free, has $((avail_kib / 1024)) MiB (set BENCH_WORK_DIR)"
-  log "generating ${DATA_MIB} MiB of test data"
-  node bench/make-data.mjs "$DATA_RAW" "$DATA_MIB"
-  echo "$DATA_RECIPE" >"$IMAGE_DIR/recipe"
+if ! inputs_cached "$DATA_RECIPE" "$DATA_RAW"; then
+  generate_data "$DATA_MIB" $((DATA_MIB * 1024 * 11 / 5 + 256 * 1024))
+  inputs_made "$DATA_RECIPE"
 else
   log "reusing the data in $IMAGE_DIR"
 fi
@@ -200,19 +179,14 @@ QCOW2FS_MNTS+=("$QCOW2FS_MNT")
 UNMOUNT_FAILURES=0
 
 run_qcow2fs() { # CODEC IMAGE
-  local image=$2 logfile=$LOG_DIR/qcow2fs.log out=$LOG_DIR/qcow2fs-mount.out rc=0 raw server_pid
+  local image=$2 logfile=$LOG_DIR/qcow2fs.log rc=0 raw server_pid
   local t0 t1 ticks0 ticks1 sampler summary
   create_image "$1" "$image"
   prepare_caches
   qcow2fs_mount_command "$image" "$QCOW2FS_MNT"
-  # `mount` starts a background server and exits once the mount is live; its output goes to a
-  # file: the server must not hold a pipe of ours.
-  timeout $((MOUNT_TIMEOUT_S + 20)) "${CMD[@]}" >"$out" 2>>"$logfile" || rc=$?
-  ((rc == 0)) || { tail -n 5 "$logfile" >&2; die "qcow2fs mount $image failed with status $rc (see $logfile)"; }
-  raw=$(tail -n 1 "$out")
-  if ! is_mounted "$QCOW2FS_MNT" || [[ ! -f $raw ]]; then die "qcow2fs mount printed '$raw', which is not a file on a live mount"; fi
-  server_pid=$(find_serve_pid "$QCOW2FS_MNT" 2>>"$logfile") || die "cannot ask the qcow2fs server of $QCOW2FS_MNT for its pid (see $logfile)"
-  LIVE_PIDS[$server_pid]=qcow2fs
+  run_qcow2fs_mount "$image" "$QCOW2FS_MNT" "$logfile" "$LOG_DIR/qcow2fs-mount.out"
+  raw=$RAW
+  server_pid=$SERVER_PID
   ticks0=$(cpu_ticks "$server_pid")
   start_cpu_sampler "$server_pid" "$LOG_DIR/qcow2fs.ticks"
   sampler=$SAMPLER_PID
@@ -340,21 +314,13 @@ for kind in $ALL_TARGETS; do
   if wants "$kind"; then TARGETS+=("$kind"); fi
 done
 
-BUSY_BEFORE=$(cpu_busy_pct)
-if ((BUSY_BEFORE > 25)); then
-  log "warning: the CPUs are ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
-fi
+check_busy_before
 printf 'rep\tcodec\tkind\tsecs\tmbps\timage_bytes\tcompressed_clusters\tcpu_s\n' >"$SAMPLES"
 log "measuring: ${TARGETS[*]} x ${CODECS[*]} x $REPS reps, ${DATA_MIB} MiB each"
 for rep in $(seq "$REPS"); do
-  # Alternate the target order between repetitions so drift does not favour one target.
-  order=("${TARGETS[@]}")
-  if ((rep % 2 == 0)); then
-    order=()
-    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
-  fi
+  rep_order "$rep"
   for codec in "${CODECS[@]}"; do
-    for kind in "${order[@]}"; do
+    for kind in "${ORDER[@]}"; do
       measure "$rep" "$codec" "$kind"
     done
   done
@@ -379,49 +345,23 @@ BUSY_AFTER=$(cpu_busy_pct)
   [[ $TARGET_KINDS == " $ALL_TARGETS " ]] || CMD+=(BENCH_TARGETS="'${BENCH_TARGETS:-}'")
   [[ $COPY == cp ]] || CMD+=(BENCH_COMPRESS_COPY="$COPY")
   CMD+=(bash bench/compress.sh)
-  printf 'cmd_run=%s\n' "$(command_text)"
+  meta_command cmd_run
   for codec in $ALL_CODECS; do
-    create_command "$codec" IMAGE && printf 'cmd_create_%s=%s\n' "$codec" "$(command_text)"
-    qemu_img_command "$codec" DATA IMAGE && printf 'cmd_qemu_img_%s=%s\n' "$codec" "$(command_text)"
+    create_command "$codec" IMAGE && meta_command "cmd_create_$codec"
+    qemu_img_command "$codec" DATA IMAGE && meta_command "cmd_qemu_img_$codec"
   done
-  qcow2fs_mount_command IMAGE MNT && printf 'cmd_qcow2fs_mount=%s\n' "$(command_text)"
-  copy_command DATA MNT/STEM.raw && printf 'cmd_qcow2fs_copy=%s\n' "$(command_text)"
-  qcow2fs_unmount_command MNT && printf 'cmd_qcow2fs_unmount=%s\n' "$(command_text)"
-  qsd_command IMAGE EXPORT && printf 'cmd_qsd=%s\n' "$(command_text)"
-  qsd_write_command DATA EXPORT && printf 'cmd_qsd_write=%s\n' "$(command_text)"
+  qcow2fs_mount_command IMAGE MNT && meta_command cmd_qcow2fs_mount
+  copy_command DATA MNT/STEM.raw && meta_command cmd_qcow2fs_copy
+  qcow2fs_unmount_command MNT && meta_command cmd_qcow2fs_unmount
+  qsd_command IMAGE EXPORT && meta_command cmd_qsd
+  qsd_write_command DATA EXPORT && meta_command cmd_qsd_write
 } >"$META"
 
-report_args=("$SAMPLES" "$META" "$RESULTS_DIR/compress-latest.md")
-if [[ $UPDATE_DOC == 1 ]]; then report_args+=("$ROOT/docs/PERFORMANCE.md"); fi
-node - "${report_args[@]}" <<'REPORT'
+write_report compress 'qcow2fs compressed-copy benchmark: latest run' <<'REPORT'
 // Turns the samples of one bench/compress.sh run into markdown: medians per codec and target,
-// the qcow2fs / qemu-img and qcow2fs / qsd ratios with the goals, every sample. Arguments:
-// SAMPLES META OUT [DOC]; with DOC, the text between its bench-compress-results markers is
-// replaced.
-const { readFileSync, writeFileSync } = require('node:fs')
-const [samplesPath, metaPath, outPath, docPath] = process.argv.slice(2)
-const BEGIN_MARKER = '<!-- bench-compress-results:begin -->'
-const END_MARKER = '<!-- bench-compress-results:end -->'
-const fail = (message) => {
-  process.stderr.write(`compress report: ${message}\n`)
-  process.exit(1)
-}
-
-const meta = {}
-for (const line of readFileSync(metaPath, 'utf8').split('\n')) {
-  const eq = line.indexOf('=')
-  if (eq > 0) meta[line.slice(0, eq)] = line.slice(eq + 1)
-}
-const lines = readFileSync(samplesPath, 'utf8').trim().split('\n')
-const header = lines.shift().split('\t')
-const rows = lines.map((line) => {
-  const fields = line.split('\t')
-  if (fields.length !== header.length) fail(`bad sample line: ${line}`)
-  const row = Object.fromEntries(header.map((name, i) => [name, fields[i]]))
-  for (const name of header.slice(3)) row[name] = Number(row[name])
-  if (!(row.secs > 0) || !(row.image_bytes > 0) || header.slice(3).some((name) => Number.isNaN(row[name]))) fail(`bad sample line: ${line}`)
-  return row
-})
+// the qcow2fs / qemu-img and qcow2fs / qsd ratios with the goals, every sample (the head and
+// tail of the program: write_report in bench/lib.sh).
+const rows = readSamples(['secs', 'image_bytes'])
 
 const CODECS = ['zlib', 'zstd']
 const KINDS = { qcow2fs: 'qcow2fs', 'qemu-img': 'qemu-img convert -c', qsd: 'qsd + compress filter' }
@@ -431,18 +371,10 @@ const GOALS = {
   zstd: { speedQemuImg: 1.0, size: 1.02 },
 }
 
-const median = (values) => {
-  const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b)
-  if (sorted.length === 0) return undefined
-  const mid = Math.floor(sorted.length / 2)
-  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
-}
 const of = (codec, kind) => rows.filter((r) => r.codec === codec && r.kind === kind)
 const medianOf = (codec, kind, field) => median(of(codec, kind).map((r) => r[field]))
-const fmt = (value, digits = 0) => (value === undefined ? 'n/a' : value.toFixed(digits))
 const ratio = (a, b) => (a === undefined || b === undefined || b === 0 ? undefined : a / b)
 const ratioText = (r, digits = 2) => (r === undefined ? 'n/a' : `${r.toFixed(digits)}x`)
-const code = (text) => '`' + text + '`'
 const goalText = (r, op, goal, digits = 1) => {
   if (goal === undefined) return ''
   const met = r === undefined ? undefined : op === '>=' ? r >= goal : r <= goal
@@ -452,7 +384,6 @@ const goalText = (r, op, goal, digits = 1) => {
 const fmtRate = (value) => (value === undefined ? 'n/a' : value.toFixed(value < 100 ? 1 : 0))
 const mib = (bytes) => (bytes === undefined ? 'n/a' : (bytes / 1048576).toFixed(1))
 
-const out = []
 out.push(`Run of ${meta.date}, commit ${meta.git}, command ${code(meta.cmd_run)} (part of ${code('make bench')}).`)
 out.push('')
 out.push(
@@ -549,17 +480,4 @@ for (const codec of CODECS) {
     )
   }
 }
-const report = out.join('\n') + '\n'
-
-writeFileSync(outPath, `# qcow2fs compressed-copy benchmark: latest run\n\n${report}`)
-process.stdout.write(`\n${report}\n`)
-if (docPath) {
-  const doc = readFileSync(docPath, 'utf8')
-  const begin = doc.indexOf(BEGIN_MARKER)
-  const end = doc.indexOf(END_MARKER)
-  if (begin < 0 || end < begin) fail(`${docPath} lacks the ${BEGIN_MARKER} ... ${END_MARKER} markers`)
-  writeFileSync(docPath, doc.slice(0, begin + BEGIN_MARKER.length) + '\n' + report + doc.slice(end))
-}
 REPORT
-cp "$SAMPLES" "$RESULTS_DIR/compress-latest-samples.tsv"
-log "results: bench/results/compress-latest.md$([[ $UPDATE_DOC == 1 ]] && echo ', docs/PERFORMANCE.md')"

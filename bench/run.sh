@@ -42,7 +42,6 @@ LOG_TAG=bench
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench}
 REPS=${BENCH_REPS:-3}
 FIO_RUNTIME_S=${BENCH_FIO_RUNTIME:-20}
 IMAGE_MIB=${BENCH_IMAGE_MIB:-1024}
@@ -51,15 +50,8 @@ UPDATE_DOC=${BENCH_UPDATE_DOC:-1}
 CPU_PROFILE=${BENCH_CPU_PROFILE:-0}
 TARGET_KINDS=" ${BENCH_TARGETS:-qcow2fs qsd engine zero} "
 MOUNT_TIMEOUT_S=30
-RESULTS_DIR=$ROOT/bench/results
-CLI=$ROOT/dist/cli/main.js
 
-IMAGE_DIR=$WORK_DIR/images
-MNT_ROOT=$WORK_DIR/mnt
-LOG_DIR=$WORK_DIR/logs
-SAMPLES=$WORK_DIR/samples.tsv
-META=$WORK_DIR/meta.env
-DATA_RAW=$IMAGE_DIR/data.raw
+set_work_dir "$ROOT/.tmp/bench"
 IMAGE_BYTES=$((IMAGE_MIB * 1024 * 1024))
 # Bump when make-data.mjs or the conversion options change, so cached images are rebuilt.
 IMAGE_RECIPE="v1 size=${IMAGE_MIB}MiB cluster=64KiB"
@@ -75,21 +67,14 @@ require_positive_int BENCH_REPS "$REPS"
 require_positive_int BENCH_FIO_RUNTIME "$FIO_RUNTIME_S"
 require_positive_int BENCH_IMAGE_MIB "$IMAGE_MIB"
 
-mkdir -p "$IMAGE_DIR" "$MNT_ROOT" "$LOG_DIR" "$RESULTS_DIR"
-clear_stale_mounts "$MNT_ROOT"
-rm -rf "${MNT_ROOT:?}"/* "${LOG_DIR:?}"/*
+prepare_work_dir
 
-for kind in $TARGET_KINDS; do
-  [[ $kind =~ ^(qcow2fs|qsd|engine|zero)$ ]] || die "unknown kind in BENCH_TARGETS: $kind"
-done
+# shellcheck disable=SC2086 # TARGET_KINDS is a list of words
+require_known BENCH_TARGETS kind "qcow2fs qsd engine zero" $TARGET_KINDS
 if ! wants qcow2fs || ! wants qsd || ! wants engine || ! wants zero; then
-  log "partial run (BENCH_TARGETS=$BENCH_TARGETS): docs/PERFORMANCE.md is left alone"
-  UPDATE_DOC=0
+  leave_doc_alone "partial run (BENCH_TARGETS=$BENCH_TARGETS)"
 fi
-if [[ $CPU_PROFILE == 1 ]]; then
-  log "profiling run: docs/PERFORMANCE.md is left alone"
-  UPDATE_DOC=0
-fi
+if [[ $CPU_PROFILE == 1 ]]; then leave_doc_alone "profiling run"; fi
 
 # ---------------------------------------------------------------------------------------------
 # Build
@@ -102,13 +87,8 @@ if wants qcow2fs || wants engine; then build_if_stale; fi
 ALLOCATED=$IMAGE_DIR/allocated.qcow2
 COMPRESSED=$IMAGE_DIR/compressed.qcow2
 
-if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$IMAGE_RECIPE" || ! -f $DATA_RAW || ! -f $ALLOCATED || ! -f $COMPRESSED ]]; then
-  rm -f "$IMAGE_DIR/recipe" "$DATA_RAW" "$ALLOCATED" "$COMPRESSED"
-  avail_kib=$(df -Pk "$IMAGE_DIR" | awk 'NR==2 {print $4}')
-  need_kib=$((IMAGE_MIB * 1024 * 5 / 2 + 256 * 1024))
-  ((avail_kib >= need_kib)) || die "$IMAGE_DIR needs $((need_kib / 1024)) MiB free, has $((avail_kib / 1024)) MiB (set BENCH_WORK_DIR)"
-  log "generating ${IMAGE_MIB} MiB of test data"
-  node bench/make-data.mjs "$DATA_RAW" "$IMAGE_MIB"
+if ! inputs_cached "$IMAGE_RECIPE" "$DATA_RAW" "$ALLOCATED" "$COMPRESSED"; then
+  generate_data "$IMAGE_MIB" $((IMAGE_MIB * 1024 * 5 / 2 + 256 * 1024))
   log "converting to a fully allocated qcow2 image"
   qemu-img convert -f raw -O qcow2 -o cluster_size=65536 -S 0 "$DATA_RAW" "$ALLOCATED"
   log "converting to a compressed qcow2 image (takes a while)"
@@ -119,7 +99,7 @@ if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$IMAGE_RECIPE" ||
     holes=$(count_unallocated_extents "$img")
     [[ $holes -eq 0 ]] || die "$img has $holes unallocated or zero extents"
   done
-  echo "$IMAGE_RECIPE" >"$IMAGE_DIR/recipe"
+  inputs_made "$IMAGE_RECIPE"
 else
   log "reusing images in $IMAGE_DIR"
 fi
@@ -281,24 +261,16 @@ measure_engine() { # MODE IMAGE -> "MB/s-or-IOPS CPU-per-unit"
     die "engine-read $1 $2 failed (see $LOG_DIR/engine.log)"
 }
 
-BUSY_BEFORE=$(cpu_busy_pct)
-if ((BUSY_BEFORE > 25)); then
-  log "warning: the CPUs are ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
-fi
+check_busy_before
 # Samples: the figure, and the CPU time the server process used for it: seconds per GiB for
 # the sequential cases, microseconds per read for the random ones (less sensitive to other
 # work on the machine than the throughput is).
 printf 'rep\tcase\tkind\timage\tvalue\tcpu\n' >"$SAMPLES"
 log "measuring: ${#TARGETS[@]} targets (engine ones without FUSE) x ${#CASES[@]} cases x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
 for rep in $(seq "$REPS"); do
-  # Alternate the target order between repetitions so drift does not favour one target.
-  order=("${TARGETS[@]}")
-  if ((rep % 2 == 0)); then
-    order=()
-    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
-  fi
+  rep_order "$rep"
   for case_name in "${CASES[@]}"; do
-    for target in "${order[@]}"; do
+    for target in "${ORDER[@]}"; do
       IFS="|" read -r kind label file host_image server_pid <<<"$target"
       prepare_caches "$case_name" "$host_image"
       json=$LOG_DIR/fio-$case_name-$kind-$label-$rep.json
@@ -356,5 +328,4 @@ done
 report_args=(--samples "$SAMPLES" --meta "$META" --out "$RESULTS_DIR/latest.md")
 if [[ $UPDATE_DOC == 1 ]]; then report_args+=(--doc "$ROOT/docs/PERFORMANCE.md"); fi
 node bench/report.mjs "${report_args[@]}"
-cp "$SAMPLES" "$RESULTS_DIR/latest-samples.tsv"
-log "results: bench/results/latest.md$([[ $UPDATE_DOC == 1 ]] && echo ', docs/PERFORMANCE.md')"
+finish_results latest

@@ -49,7 +49,6 @@ LOG_TAG=bench-write
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-WORK_DIR=${BENCH_WORK_DIR:-$ROOT/.tmp/bench-write}
 REPS=${BENCH_REPS:-3}
 FIO_RUNTIME_S=${BENCH_FIO_RUNTIME:-20}
 IMAGE_MIB=${BENCH_IMAGE_MIB:-1024}
@@ -61,20 +60,11 @@ TARGET_KINDS=" ${BENCH_TARGETS:-qcow2fs qsd zero} "
 read -r -a CASES <<<"${BENCH_CASES:-$ALL_CASES}"
 MOUNT_TIMEOUT_S=30
 STOP_TIMEOUT_S=60
-RESULTS_DIR=$ROOT/bench/results
-CLI=$ROOT/dist/cli/main.js
 # Fixed offsets and data for the scatter cases, so that every target writes the same bytes.
 SCATTER_SEED=20261121
 SCATTER_PATTERN=0x71636f77
 
-mkdir -p "$WORK_DIR"
-WORK_DIR=$(cd -- "$WORK_DIR" && pwd)
-IMAGE_DIR=$WORK_DIR/images
-MNT_ROOT=$WORK_DIR/mnt
-LOG_DIR=$WORK_DIR/logs
-SAMPLES=$WORK_DIR/samples.tsv
-META=$WORK_DIR/meta.env
-DATA_RAW=$IMAGE_DIR/data.raw
+set_work_dir "$ROOT/.tmp/bench-write"
 BASE=$IMAGE_DIR/base.qcow2
 IMAGE_BYTES=$((IMAGE_MIB * 1024 * 1024))
 # Bump when make-data.mjs or the conversion options change, so cached images are rebuilt.
@@ -93,22 +83,16 @@ require_positive_int BENCH_IMAGE_MIB "$IMAGE_MIB"
 require_positive_int BENCH_SCATTER_WRITES "$SCATTER_WRITES"
 ((SCATTER_WRITES <= IMAGE_MIB * 256)) || die "BENCH_SCATTER_WRITES exceeds the 4 KiB blocks of the image ($((IMAGE_MIB * 256)))"
 
-for kind in $TARGET_KINDS; do
-  [[ $kind =~ ^(qcow2fs|qsd|zero)$ ]] || die "unknown kind in BENCH_TARGETS: $kind"
-done
+# shellcheck disable=SC2086 # TARGET_KINDS is a list of words
+require_known BENCH_TARGETS kind "qcow2fs qsd zero" $TARGET_KINDS
 ((${#CASES[@]} > 0)) || die "BENCH_CASES is empty"
-for case_name in "${CASES[@]}"; do
-  [[ " $ALL_CASES " == *" $case_name "* ]] || die "unknown case in BENCH_CASES: $case_name (known: $ALL_CASES)"
-done
+require_known BENCH_CASES case "$ALL_CASES" "${CASES[@]}"
 wants_case() { [[ " ${CASES[*]} " == *" $1 "* ]]; }
 if ! wants qcow2fs || ! wants qsd || ! wants zero || [[ ${CASES[*]} != "$ALL_CASES" ]]; then
-  log "partial run (BENCH_TARGETS=${BENCH_TARGETS:-}, BENCH_CASES=${BENCH_CASES:-}): docs/PERFORMANCE.md is left alone"
-  UPDATE_DOC=0
+  leave_doc_alone "partial run (BENCH_TARGETS=${BENCH_TARGETS:-}, BENCH_CASES=${BENCH_CASES:-})"
 fi
 
-mkdir -p "$IMAGE_DIR" "$MNT_ROOT" "$LOG_DIR" "$RESULTS_DIR"
-clear_stale_mounts "$MNT_ROOT"
-rm -rf "${MNT_ROOT:?}"/* "${LOG_DIR:?}"/* "${IMAGE_DIR:?}"/run-*
+prepare_work_dir
 
 # ---------------------------------------------------------------------------------------------
 # Build
@@ -118,19 +102,14 @@ if wants qcow2fs; then build_if_stale; fi
 # ---------------------------------------------------------------------------------------------
 # Source data and the backing image (cached in the work dir between runs)
 
-if [[ ! -f $IMAGE_DIR/recipe || $(cat "$IMAGE_DIR/recipe") != "$IMAGE_RECIPE" || ! -f $DATA_RAW || ! -f $BASE ]]; then
-  rm -f "$IMAGE_DIR/recipe" "$DATA_RAW" "$BASE"
-  avail_kib=$(df -Pk "$IMAGE_DIR" | awk 'NR==2 {print $4}')
-  need_kib=$((IMAGE_MIB * 1024 * 7 / 2 + 256 * 1024))
-  ((avail_kib >= need_kib)) || die "$IMAGE_DIR needs $((need_kib / 1024)) MiB free, has $((avail_kib / 1024)) MiB (set BENCH_WORK_DIR)"
-  log "generating ${IMAGE_MIB} MiB of test data"
-  node bench/make-data.mjs "$DATA_RAW" "$IMAGE_MIB"
+if ! inputs_cached "$IMAGE_RECIPE" "$DATA_RAW" "$BASE"; then
+  generate_data "$IMAGE_MIB" $((IMAGE_MIB * 1024 * 7 / 2 + 256 * 1024))
   log "converting to a fully allocated qcow2 image (the backing file of the scatter cases)"
   qemu-img convert -f raw -O qcow2 -o cluster_size=65536 -S 0 "$DATA_RAW" "$BASE"
   qemu-img check -q "$BASE" || die "qemu-img check failed for $BASE"
   holes=$(count_unallocated_extents "$BASE")
   [[ $holes -eq 0 ]] || die "$BASE has $holes unallocated or zero extents"
-  echo "$IMAGE_RECIPE" >"$IMAGE_DIR/recipe"
+  inputs_made "$IMAGE_RECIPE"
 else
   log "reusing data and backing image in $IMAGE_DIR"
 fi
@@ -174,16 +153,8 @@ qcow2fs_mount_command() { # IMAGE MNT -> CMD
 }
 
 start_qcow2fs() { # IMAGE
-  local image=$1 logfile=$LOG_DIR/qcow2fs.log out=$LOG_DIR/qcow2fs-mount.out rc=0
-  qcow2fs_mount_command "$image" "$QCOW2FS_MNT"
-  # As users run it: `mount` starts a background server, prints the raw file and exits once
-  # the mount is live. Its output goes to a file: the server must not hold a pipe of ours.
-  timeout $((MOUNT_TIMEOUT_S + 20)) "${CMD[@]}" >"$out" 2>>"$logfile" || rc=$?
-  ((rc == 0)) || { tail -n 5 "$logfile" >&2; die "qcow2fs mount $image failed with status $rc (see $logfile)"; }
-  RAW=$(tail -n 1 "$out")
-  if ! is_mounted "$QCOW2FS_MNT" || [[ ! -f $RAW ]]; then die "qcow2fs mount printed '$RAW', which is not a file on a live mount"; fi
-  SERVER_PID=$(find_serve_pid "$QCOW2FS_MNT" 2>>"$logfile") || die "cannot ask the qcow2fs server of $QCOW2FS_MNT for its pid (see $logfile)"
-  LIVE_PIDS[$SERVER_PID]=qcow2fs
+  qcow2fs_mount_command "$1" "$QCOW2FS_MNT"
+  run_qcow2fs_mount "$1" "$QCOW2FS_MNT" "$LOG_DIR/qcow2fs.log" "$LOG_DIR/qcow2fs-mount.out"
 }
 
 stop_qcow2fs() {
@@ -428,21 +399,13 @@ for kind in qsd qcow2fs zero; do
   if wants "$kind"; then TARGETS+=("$kind"); fi
 done
 
-BUSY_BEFORE=$(cpu_busy_pct)
-if ((BUSY_BEFORE > 25)); then
-  log "warning: the CPUs are ${BUSY_BEFORE}% busy with other work: the figures will be skewed"
-fi
+check_busy_before
 printf 'rep\tcase\tkind\tvalue\tcpu\twrites\tguest_bytes\thost_alloc_bytes\thost_write_bytes\tflush_ms\n' >"$SAMPLES"
 log "measuring: ${TARGETS[*]} x ${CASES[*]} x $REPS reps (fio ${FIO_RUNTIME_S}s each)"
 for rep in $(seq "$REPS"); do
-  # Alternate the target order between repetitions so drift does not favour one target.
-  order=("${TARGETS[@]}")
-  if ((rep % 2 == 0)); then
-    order=()
-    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
-  fi
+  rep_order "$rep"
   for case_name in "${CASES[@]}"; do
-    for kind in "${order[@]}"; do
+    for kind in "${ORDER[@]}"; do
       # The no-I/O server has no image to copy on write into.
       [[ $kind == zero && $case_name == scatter-* ]] && continue
       measure "$rep" "$case_name" "$kind"
@@ -484,48 +447,23 @@ fi
   [[ $IMAGE_MIB == 1024 && $SCATTER_WRITES == 4096 && $REPS == 3 && $FIO_RUNTIME_S == 20 && -z $QCOW2FS_OPTS ]] ||
     CMD=(BENCH_IMAGE_MIB="$IMAGE_MIB" BENCH_SCATTER_WRITES="$SCATTER_WRITES" BENCH_REPS="$REPS"
       BENCH_FIO_RUNTIME="$FIO_RUNTIME_S" ${QCOW2FS_OPTS:+BENCH_QCOW2FS_OPTS="'$QCOW2FS_OPTS'"} bash bench/write.sh)
-  printf 'cmd_run=%s\n' "$(command_text)"
-  create_command seq-write IMAGE && printf 'cmd_create_empty=%s\n' "$(command_text)"
-  create_command scatter-plain IMAGE && printf 'cmd_create_plain=%s\n' "$(command_text)"
-  create_command scatter-extl2 IMAGE && printf 'cmd_create_extl2=%s\n' "$(command_text)"
-  qcow2fs_mount_command IMAGE MNT && printf 'cmd_qcow2fs=%s\n' "$(command_text)"
-  qsd_command IMAGE EXPORT && printf 'cmd_qsd=%s\n' "$(command_text)"
+  meta_command cmd_run
+  create_command seq-write IMAGE && meta_command cmd_create_empty
+  create_command scatter-plain IMAGE && meta_command cmd_create_plain
+  create_command scatter-extl2 IMAGE && meta_command cmd_create_extl2
+  qcow2fs_mount_command IMAGE MNT && meta_command cmd_qcow2fs
+  qsd_command IMAGE EXPORT && meta_command cmd_qsd
   for case_name in $ALL_CASES; do
     workload_command "$case_name" RAW OUT.json
-    printf 'cmd_%s=%s\n' "$case_name" "$(command_text)"
+    meta_command "cmd_$case_name"
   done
 } >"$META"
 
-report_args=("$SAMPLES" "$META" "$RESULTS_DIR/write-latest.md")
-if [[ $UPDATE_DOC == 1 ]]; then report_args+=("$ROOT/docs/PERFORMANCE.md"); fi
-node - "${report_args[@]}" <<'REPORT'
+write_report write 'qcow2fs write benchmark: latest run' <<'REPORT'
 // Turns the samples of one bench/write.sh run into markdown: medians per case and target, the
-// qcow2fs / qsd ratio with the goals, the no-I/O ceiling, every sample. Arguments: SAMPLES META
-// OUT [DOC]; with DOC, the text between its bench-write-results markers is replaced.
-const { readFileSync, writeFileSync } = require('node:fs')
-const [samplesPath, metaPath, outPath, docPath] = process.argv.slice(2)
-const BEGIN_MARKER = '<!-- bench-write-results:begin -->'
-const END_MARKER = '<!-- bench-write-results:end -->'
-const fail = (message) => {
-  process.stderr.write(`write report: ${message}\n`)
-  process.exit(1)
-}
-
-const meta = {}
-for (const line of readFileSync(metaPath, 'utf8').split('\n')) {
-  const eq = line.indexOf('=')
-  if (eq > 0) meta[line.slice(0, eq)] = line.slice(eq + 1)
-}
-const lines = readFileSync(samplesPath, 'utf8').trim().split('\n')
-const header = lines.shift().split('\t')
-const rows = lines.map((line) => {
-  const fields = line.split('\t')
-  if (fields.length !== header.length) fail(`bad sample line: ${line}`)
-  const row = Object.fromEntries(header.map((name, i) => [name, fields[i]]))
-  for (const name of header.slice(3)) row[name] = row[name] === '-' ? undefined : Number(row[name])
-  if (!(row.value > 0) || !(row.guest_bytes > 0) || header.slice(3).some((name) => Number.isNaN(row[name]))) fail(`bad sample line: ${line}`)
-  return row
-})
+// qcow2fs / qsd ratio with the goals, the no-I/O ceiling, every sample (the head and tail of
+// the program: write_report in bench/lib.sh).
+const rows = readSamples(['value', 'guest_bytes'])
 
 const CASES = [
   { id: 'seq-write', label: `Sequential write of ${meta.image_mib} MiB, dd bs=1M conv=fsync, empty image`, unit: 'MB/s', cpuUnit: 'CPU s per GiB', goal: ['>=', 1.0] },
@@ -537,21 +475,12 @@ const CASES = [
 const KINDS = { qsd: 'qsd FUSE export', qcow2fs: 'qcow2fs', zero: 'no-I/O fuse-native server' }
 const EXTL2_GOAL = 1 / 8
 
-const median = (values) => {
-  const sorted = values.filter((v) => v !== undefined && Number.isFinite(v)).sort((a, b) => a - b)
-  if (sorted.length === 0) return undefined
-  const mid = Math.floor(sorted.length / 2)
-  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
-}
 const of = (caseId, kind) => rows.filter((r) => r.case === caseId && r.kind === kind)
 const medianOf = (caseId, kind, pick) => median(of(caseId, kind).map(pick))
 const perGuest = (field) => (r) => (r[field] === undefined ? undefined : r[field] / r.guest_bytes)
-const fmt = (value, digits = 0) => (value === undefined ? 'n/a' : value.toFixed(digits))
 const fmtValue = (value) => fmt(value, 0)
 const ratioText = (a, b) => (a === undefined || b === undefined || b === 0 ? 'n/a' : `${(a / b).toFixed(2)}x`)
-const code = (text) => '`' + text + '`'
 
-const out = []
 out.push(`Run of ${meta.date}, commit ${meta.git}, command ${code(meta.cmd_run)} (part of ${code('make bench')}).`)
 out.push('')
 out.push(
@@ -687,17 +616,4 @@ for (const c of CASES) {
     out.push(`| ${c.id} | qcow2fs / qsd, same repetition | ${ratios.map((r) => r.toFixed(2) + 'x').join(', ')} | ${median(ratios).toFixed(2)}x | | |`)
   }
 }
-const report = out.join('\n') + '\n'
-
-writeFileSync(outPath, `# qcow2fs write benchmark: latest run\n\n${report}`)
-process.stdout.write(`\n${report}\n`)
-if (docPath) {
-  const doc = readFileSync(docPath, 'utf8')
-  const begin = doc.indexOf(BEGIN_MARKER)
-  const end = doc.indexOf(END_MARKER)
-  if (begin < 0 || end < begin) fail(`${docPath} lacks the ${BEGIN_MARKER} ... ${END_MARKER} markers`)
-  writeFileSync(docPath, doc.slice(0, begin + BEGIN_MARKER.length) + '\n' + report + doc.slice(end))
-}
 REPORT
-cp "$SAMPLES" "$RESULTS_DIR/write-latest-samples.tsv"
-log "results: bench/results/write-latest.md$([[ $UPDATE_DOC == 1 ]] && echo ', docs/PERFORMANCE.md')"
