@@ -41,3 +41,10 @@ export function parseCommandArgs<O extends OptionSpec>(argv: string[], options: 
     throw new UsageError(err instanceof Error ? err.message.split('\n')[0]! : String(err))
   }
 }
+
+/** The one IMAGE argument of info, check and map; UsageError for none or more than one. */
+export function singleImage(positionals: readonly string[]): string {
+  if (positionals.length === 0) throw new UsageError('missing IMAGE')
+  if (positionals.length > 1) throw new UsageError(`expected one IMAGE, got ${positionals.length}`)
+  return positionals[0]!
+}

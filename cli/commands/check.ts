@@ -9,7 +9,7 @@ import { type CheckCounts, checkImage } from '../../lib/check/check.js'
 import { type RepairMode, repairImage } from '../../lib/check/repair.js'
 import { NodeBlockFile } from '../../lib/io/block-file.js'
 import { log } from '../../lib/log.js'
-import { EXIT_FAILURE, EXIT_OK, UsageError, parseCommandArgs, type Command } from '../command.js'
+import { EXIT_FAILURE, EXIT_OK, UsageError, parseCommandArgs, singleImage, type Command } from '../command.js'
 
 /** Exit codes of qemu-img check. */
 export const EXIT_CORRUPTIONS = 2
@@ -146,9 +146,7 @@ export const checkCommand: Command = {
       repair: { type: 'string', short: 'r' },
       'force-share': { type: 'boolean', short: 'U' },
     })
-    if (positionals.length === 0) throw new UsageError('missing IMAGE')
-    if (positionals.length > 1) throw new UsageError(`expected one IMAGE, got ${positionals.length}`)
-    const imagePath = positionals[0]!
+    const imagePath = singleImage(positionals)
     const mode = parseRepairMode(values.repair)
     const json = values.json === true
     const forceShare = values['force-share'] === true

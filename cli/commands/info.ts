@@ -6,7 +6,7 @@
 import { Qcow2Image } from '../../lib/image.js'
 import type { ImageInfo, SnapshotInfo } from '../../lib/image-info.js'
 import { log } from '../../lib/log.js'
-import { EXIT_OK, UsageError, parseCommandArgs, type Command } from '../command.js'
+import { EXIT_OK, parseCommandArgs, singleImage, type Command } from '../command.js'
 
 const SIZE_UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'] as const
 
@@ -145,9 +145,7 @@ export const infoCommand: Command = {
   ].join('\n') + '\n',
   async run(argv: string[]): Promise<number> {
     const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' }, 'force-share': { type: 'boolean', short: 'U' } })
-    if (positionals.length === 0) throw new UsageError('missing IMAGE')
-    if (positionals.length > 1) throw new UsageError(`expected one IMAGE, got ${positionals.length}`)
-    const imagePath = positionals[0]!
+    const imagePath = singleImage(positionals)
     log.cli('info %s (json=%s)', imagePath, values.json === true)
     const img = await Qcow2Image.open(imagePath, { readOnly: true, lock: values['force-share'] !== true })
     let text: string

@@ -5,7 +5,7 @@
  */
 import { type MapEntry, mapImage } from '../../lib/check/map.js'
 import { log } from '../../lib/log.js'
-import { EXIT_FAILURE, EXIT_OK, UsageError, parseCommandArgs, type Command } from '../command.js'
+import { EXIT_FAILURE, EXIT_OK, parseCommandArgs, singleImage, type Command } from '../command.js'
 
 /** One extent in qemu-img's JSON layout (keys in its order; offset only when known). */
 function jsonEntry(e: MapEntry): string {
@@ -69,9 +69,7 @@ export const mapCommand: Command = {
   ].join('\n') + '\n',
   async run(argv: string[]): Promise<number> {
     const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' }, 'force-share': { type: 'boolean', short: 'U' } })
-    if (positionals.length === 0) throw new UsageError('missing IMAGE')
-    if (positionals.length > 1) throw new UsageError(`expected one IMAGE, got ${positionals.length}`)
-    const imagePath = positionals[0]!
+    const imagePath = singleImage(positionals)
     log.cli('map %s (json=%s)', imagePath, values.json === true)
     const entries = mapImage(imagePath, imagePath, { lock: values['force-share'] !== true })
     if (values.json === true) {
