@@ -3,11 +3,8 @@
  * SEEK_DATA, then SEEK_HOLE), through the small addon lib/io/native/file_extents.c (Node has no
  * lseek). Used by `qcow2fs map` to report holes as qemu-img map does.
  */
-import * as fs from 'node:fs'
-import { createRequire } from 'node:module'
 import { constants } from 'node:os'
-import * as path from 'node:path'
-import { fileURLToPath } from 'node:url'
+import { loadIoAddon } from './native-addon.js'
 
 /**
  * The extent of a file at some offset: data or a hole, up to `end` (exclusive). `end` is
@@ -23,16 +20,13 @@ interface FileExtentsAddon {
   seek(fd: number, offset: number, wantHole: boolean): number
 }
 
-const ADDON_FILE = path.join('build', 'Release', 'file_extents.node')
 let addon: FileExtentsAddon | null | undefined
 
-/** The addon, from build/Release of the package root; null when it cannot be loaded. */
+/** The addon (lib/io/native-addon.ts says from where); null when it cannot be loaded. */
 function extentsAddon(): FileExtentsAddon | null {
   if (addon !== undefined) return addon
-  let dir = path.dirname(fileURLToPath(import.meta.url))
-  while (!fs.existsSync(path.join(dir, 'package.json')) && path.dirname(dir) !== dir) dir = path.dirname(dir)
   try {
-    addon = createRequire(import.meta.url)(path.join(dir, ADDON_FILE)) as FileExtentsAddon
+    addon = loadIoAddon<FileExtentsAddon>('file_extents')
   } catch {
     addon = null
   }

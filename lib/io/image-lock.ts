@@ -26,12 +26,9 @@
  * OFD locks belong to one open file description: two opens in one process conflict like two
  * processes, and closing the descriptor releases them, also when the process dies.
  */
-import * as fs from 'node:fs'
-import { createRequire } from 'node:module'
 import { constants } from 'node:os'
-import * as path from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { BusyError } from '../errors.js'
+import { ioAddonFile, loadIoAddon } from './native-addon.js'
 
 export type LockMode = 'write' | 'read' | 'none'
 
@@ -68,22 +65,15 @@ interface OfdLockAddon {
   testByte(fd: number, offset: number): number
 }
 
-const ADDON_FILE = path.join('build', 'Release', 'ofd_lock.node')
 let addon: OfdLockAddon | undefined
 
-/**
- * Loads the addon on first use, from build/Release of the package root (the nearest directory
- * above this module with a package.json: the repository both for lib/io/*.ts and for
- * dist/lib/io/*.js). Loaded here because lib/io is the only layer that touches files.
- */
+/** Loads the addon on first use (lib/io/native-addon.ts says from where). */
 function ofdLocks(): OfdLockAddon {
   if (addon) return addon
-  let dir = path.dirname(fileURLToPath(import.meta.url))
-  while (!fs.existsSync(path.join(dir, 'package.json')) && path.dirname(dir) !== dir) dir = path.dirname(dir)
-  const file = path.join(dir, ADDON_FILE)
   try {
-    addon = createRequire(import.meta.url)(file) as OfdLockAddon
+    addon = loadIoAddon<OfdLockAddon>('ofd_lock')
   } catch (err) {
+    const file = ioAddonFile('ofd_lock')
     throw new Error(`cannot load the image locking addon '${file}' (build it with 'make build'): ${(err as Error).message}`, { cause: err })
   }
   return addon
