@@ -33,7 +33,7 @@ $(NODE_MODULES_STAMP): package-lock.json
 	$(NPM) ci || { echo "npm ci failed; installing the lock with npm install --no-save"; $(NPM) install --no-save; }
 	@touch $@
 
-# The native addons (binding.gyp: image locks and file holes in lib/io/native/, QEMU's deflate
+# The native addons (binding.gyp: image locks, file holes and early writeback in lib/io/native/, QEMU's deflate
 # and zstd in lib/engine/compress/native/): node-gyp (the one npm ships) builds them
 # against the headers of the Node that runs it. Where that Node's prefix has include/node (a
 # distribution's Node does), they are used from there, so nothing is downloaded.
@@ -42,7 +42,7 @@ NODE_PREFIX := $(shell node -p 'require("path").resolve(process.execPath, "../..
 NODE_GYP_FLAGS := $(if $(wildcard $(NODE_PREFIX)/include/node/node_api.h),--nodedir=$(NODE_PREFIX))
 
 # node-gyp builds every target of binding.gyp, so one rule stands for all the addons.
-$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/engine/compress/native/qemu_deflate.c \
+$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/io/native/file_writeback.c lib/engine/compress/native/qemu_deflate.c \
 		lib/engine/compress/native/qemu_zstd.c lib/engine/compress/native/napi_cluster.h
 	$(NPM) run build:native -- $(NODE_GYP_FLAGS)
 

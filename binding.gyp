@@ -1,5 +1,6 @@
-# The native addons of lib/io: image locks (lib/io/native/ofd_lock.c) and file holes for map
-# (lib/io/native/file_extents.c); and QEMU's deflate
+# The native addons of lib/io: image locks (lib/io/native/ofd_lock.c), file holes for map
+# (lib/io/native/file_extents.c) and early writeback of written ranges
+# (lib/io/native/file_writeback.c); and QEMU's deflate
 # (lib/engine/compress/native/qemu_deflate.c) and zstd (lib/engine/compress/native/qemu_zstd.c)
 # for compressed writes. Each file says why it exists.
 # Built by `make build` (node-gyp rebuild, against the running Node's own headers).
@@ -30,6 +31,13 @@
       "sources": ["lib/io/native/file_extents.c"],
       "defines": ["NAPI_VERSION=8"],
       "cflags": ["-Wall", "-Wextra"]
+    },
+    {
+      "target_name": "file_writeback",
+      "sources": ["lib/io/native/file_writeback.c"],
+      "defines": ["NAPI_VERSION=8"],
+      "cflags": ["-Wall", "-Wextra"],
+      "libraries": ["-lpthread"]
     }
   ]
 }

@@ -8,6 +8,7 @@ export const log = {
   read: createDebug('qcow2fs:read'),
   cache: createDebug('qcow2fs:cache'),
   backing: createDebug('qcow2fs:backing'),
+  io: createDebug('qcow2fs:io'),
   compress: createDebug('qcow2fs:compress'),
   fuse: createDebug('qcow2fs:fuse'),
   cli: createDebug('qcow2fs:cli'),

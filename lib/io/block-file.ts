@@ -9,6 +9,7 @@ import * as fs from 'node:fs'
 import { NotFoundError } from '../errors.js'
 import { type FileExtent, fileExtentAt } from './file-extents.js'
 import { type LockMode, lockImageFile } from './image-lock.js'
+import { EarlyWriteback, writebackCalls } from './writeback.js'
 
 export type { LockMode } from './image-lock.js'
 
@@ -59,12 +60,16 @@ export class NodeBlockFile implements BlockFile {
   #fd: number
   #size: number
   #syncFailure: unknown
+  /** Starts writeback of long sequential writes early (writeback.ts); writable files only. */
+  #writeback: EarlyWriteback | undefined
 
   private constructor(path: string, fd: number, size: number, writable: boolean) {
     this.path = path
     this.#fd = fd
     this.#size = size
     this.writable = writable
+    const calls = writable ? writebackCalls() : null
+    if (calls) this.#writeback = new EarlyWriteback(fd, calls)
   }
 
   /**
@@ -112,6 +117,7 @@ export class NodeBlockFile implements BlockFile {
       done += fs.writeSync(this.#fd, buf, done, buf.length - done, hostOffset + done)
     }
     if (hostOffset + buf.length > this.#size) this.#size = hostOffset + buf.length
+    this.#writeback?.wrote(hostOffset, buf.length)
   }
 
   sync(): void {
@@ -149,6 +155,7 @@ export class NodeBlockFile implements BlockFile {
 
   close(): void {
     if (this.#fd >= 0) {
+      this.#writeback?.close()
       fs.closeSync(this.#fd)
       this.#fd = -1
     }
