@@ -226,6 +226,11 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
         virtualSize: () => this.#virtualSize,
         readCommitted: (buf, guestOffset) => init.readPath.readSync(buf, guestOffset),
         mutate: (section) => this.#mutate((w) => section(w.writePath)),
+        mutateNow: (section) => {
+          if (this.#lock.isLocked()) return false
+          this.#mutateStep((w) => section(w.writePath))
+          return true
+        },
         writeCompressed: (buf, hostOffset) => {
           init.file.pwrite(buf, hostOffset, 'compressed')
           writePath.dataWritten = true
@@ -311,18 +316,21 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   async write(buf: Uint8Array, guestOffset: number): Promise<void> {
     // Compressed writes return once their data is queued: wait for room in the queue first.
     const compressed = this.#writer?.compressed
-    if (compressed && !this.#closed) await compressed.admit()
+    if (compressed && !this.#closed && !compressed.admitsNow) await compressed.admit()
     return this.#mutate((writer) => this.#writeStep(writer, buf, guestOffset))
   }
 
   /**
    * Writes `buf` synchronously and returns true, when nothing stands in the way: the lock is
-   * free and writes are not compressed (their queue can make a writer wait). Otherwise returns
-   * false and does nothing. Throws what write() would reject with. Once it returns, `buf` is
-   * no longer referenced. The FUSE adapter uses it to answer a write before storing it.
+   * free and, with compressed writes, their queue has room (a full queue makes a writer wait).
+   * Otherwise returns false and does nothing. Throws what write() would reject with. Once it
+   * returns, `buf` is no longer referenced. The FUSE adapter uses it to answer a write before
+   * storing it.
    */
   writeAtOnce(buf: Uint8Array, guestOffset: number): boolean {
-    if (this.#closed || this.#readOnly || !this.#writer || this.#writer.compressed || this.#lock.isLocked()) return false
+    if (this.#closed || this.#readOnly || !this.#writer || this.#lock.isLocked()) return false
+    const compressed = this.#writer.compressed
+    if (compressed && !compressed.admitsNow) return false
     this.#mutateStep((writer) => this.#writeStep(writer, buf, guestOffset))
     return true
   }

@@ -166,9 +166,9 @@ class PoolCompressor implements ClusterCompressor {
     this.#pool = pool
   }
 
-  async compress(cluster: Uint8Array): Promise<Uint8Array | undefined> {
-    const out = await this.#pool.compress(cluster)
-    return out !== undefined && out.length < cluster.length ? out : undefined
+  compress(cluster: Uint8Array): Promise<Uint8Array | undefined> {
+    // The pool answers undefined for a stream not shorter than the cluster.
+    return this.#pool.compress(cluster)
   }
 
   close(): Promise<void> {

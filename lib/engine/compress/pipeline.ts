@@ -45,6 +45,7 @@ import { type CacheStats, CompressedWriteCache } from './compressed-cache.js'
 import { type ClusterCompressor, type DeflateChoice, makeCompressor } from './compressor.js'
 import { Packer } from './packer.js'
 import { Staging } from './staging.js'
+import { SharedBufferPool } from './worker-pool.js'
 
 /** Default bound of the staging memory: 64 MiB (`compress-staging=BYTES`). */
 export const DEFAULT_STAGING_BYTES = 64 * 1024 * 1024
@@ -72,6 +73,11 @@ export interface PipelineHost {
   readCommitted(buf: Uint8Array, guestOffset: number): void
   /** Runs a synchronous section under the image lock, with the write path. */
   mutate(section: (writePath: WritePath) => void): Promise<void>
+  /**
+   * Runs the section at once and returns true when the image lock is free; returns false and
+   * does nothing when it is held. Throws what the section throws.
+   */
+  mutateNow(section: (writePath: WritePath) => void): boolean
   /** Writes compressed bytes into the image file (synchronously; through the overlap check). */
   writeCompressed(buf: Uint8Array, hostOffset: number): void
 }
@@ -104,15 +110,6 @@ interface Job {
   settle: () => void
 }
 
-/**
- * A copy of bytes in a buffer of their own. (Not `slice()`: on a Node Buffer, such as the FUSE
- * request buffer that is reused once the write is answered, slice() is a view.)
- */
-function copyOf(bytes: Uint8Array): Uint8Array {
-  const out = new Uint8Array(bytes.length)
-  out.set(bytes)
-  return out
-}
 
 export class CompressedWrites implements WriteRouter {
   readonly cache: CompressedWriteCache
@@ -130,6 +127,11 @@ export class CompressedWrites implements WriteRouter {
   #committing: Promise<void> = Promise.resolve()
   #roomWaiters: (() => void)[] = []
   #error: unknown
+  /**
+   * The cluster buffers of staged and queued clusters: shared memory, which the compression
+   * workers read in place (worker-pool.ts), recycled once a job is committed.
+   */
+  #buffers: SharedBufferPool
   #stats = { compressedClusters: 0, uncompressedClusters: 0, zeroClusters: 0, guestBytes: 0, storedBytes: 0 }
 
   constructor(host: PipelineHost, options: CompressOptions = {}) {
@@ -137,7 +139,8 @@ export class CompressedWrites implements WriteRouter {
     this.#g = host.geometry
     this.#compressor = options.compressor ?? makeCompressor(host.compressionType, undefined, options.deflate)
     this.#maxJobs = Math.max(1, options.maxJobs ?? JOBS_PER_CORE * availableParallelism())
-    this.staging = new Staging(this.#g.clusterSize, options.stagingBytes ?? DEFAULT_STAGING_BYTES)
+    this.#buffers = new SharedBufferPool(this.#g.clusterSize, 2 * this.#maxJobs)
+    this.staging = new Staging(this.#g.clusterSize, options.stagingBytes ?? DEFAULT_STAGING_BYTES, () => this.#buffers.takeZeroed())
     this.cache = new CompressedWriteCache(this.#g.clusterSize, (buf, hostOffset) => host.writeCompressed(buf, hostOffset))
     this.packer = new Packer(this.#g, host.refcounts)
     host.refcounts.onFreed = (cluster) => this.#hostClusterFreed(cluster)
@@ -168,7 +171,7 @@ export class CompressedWrites implements WriteRouter {
     if (job) {
       // Written again while compressing: that result is stale; the cluster, complete, goes back.
       this.#cancel(job)
-      const data = copyOf(job.data)
+      const data = this.#copyOf(job.data)
       if (piece.zeroing) data.fill(0, start, end)
       else data.set(piece.chunk, start)
       if (this.staging.maxClusters === 0) {
@@ -202,7 +205,7 @@ export class CompressedWrites implements WriteRouter {
         this.#stats.zeroClusters++
         return false
       }
-      this.#submit(index, copyOf(piece.chunk))
+      this.#submit(index, this.#copyOf(piece.chunk))
       return true
     }
     if (this.staging.maxClusters === 0) return false
@@ -235,6 +238,14 @@ export class CompressedWrites implements WriteRouter {
   }
 
   // ---- the queue ----
+
+  /**
+   * True when a write may go on at once: room in the queue and no sticky error (a write that
+   * finds false waits in admit(), which also reports the error).
+   */
+  get admitsNow(): boolean {
+    return this.#error === undefined && this.#queue.length < this.#maxJobs
+  }
 
   /** Resolves when a write may go on (room in the queue); rejects with the sticky error. */
   async admit(): Promise<void> {
@@ -331,6 +342,17 @@ export class CompressedWrites implements WriteRouter {
     )
   }
 
+  /**
+   * A copy of a whole cluster in a buffer of its own (from the pool). (Not `slice()`: on a Node
+   * Buffer, such as the FUSE request buffer that is reused once the write is answered, slice()
+   * is a view.)
+   */
+  #copyOf(cluster: Uint8Array): Uint8Array {
+    const out = this.#buffers.take()
+    out.set(cluster)
+    return out
+  }
+
   #cancel(job: Job): void {
     job.cancelled = true
     if (this.#pending.get(job.index) === job) this.#pending.delete(job.index)
@@ -345,7 +367,11 @@ export class CompressedWrites implements WriteRouter {
     this.#pumping = true
     const finish = () => {
       this.#pumping = false
-      for (const job of ready) job.settle()
+      for (const job of ready) {
+        job.settle()
+        // Committed or dropped, and its worker is done with it: nothing refers to it any more.
+        this.#buffers.give(job.data)
+      }
       for (const wake of this.#roomWaiters.splice(0)) wake()
       this.#pump()
     }
@@ -354,12 +380,25 @@ export class CompressedWrites implements WriteRouter {
       queueMicrotask(finish)
       return
     }
+    const section = (writePath: WritePath): void => {
+      for (const job of ready) this.#commit(writePath, job)
+      // Finished host clusters go to the file at once (WC-6).
+      void this.cache.flush(false)
+    }
+    // At once when the lock is free (no promise round trips: this runs for every result).
+    let committed: boolean
+    try {
+      committed = this.#host.mutateNow(section)
+    } catch (err) {
+      this.#fail(err)
+      committed = true
+    }
+    if (committed) {
+      finish()
+      return
+    }
     this.#committing = this.#host
-      .mutate((writePath) => {
-        for (const job of ready) this.#commit(writePath, job)
-        // Finished host clusters go to the file at once (WC-6).
-        void this.cache.flush(false)
-      })
+      .mutate(section)
       .catch((err: unknown) => this.#fail(err))
       .finally(finish)
   }

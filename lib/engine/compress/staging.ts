@@ -19,10 +19,11 @@ export class StagedCluster {
   /** Filled ranges as sorted, disjoint, non-adjacent [start, end) pairs, flattened. */
   #filled: number[] = []
 
-  constructor(index: number, clusterSize: number, data?: Uint8Array) {
+  /** `data` holds the whole cluster when `filled`; otherwise it must be zeros. */
+  constructor(index: number, data: Uint8Array, filled: boolean) {
     this.index = index
-    this.data = data ?? new Uint8Array(clusterSize)
-    if (data) this.#filled = [0, clusterSize]
+    this.data = data
+    if (filled) this.#filled = [0, data.length]
   }
 
   /** Copies chunk in at offsetInCluster and marks it filled. */
@@ -108,10 +109,17 @@ export class Staging {
   /** Clusters that may be staged at once (0: staging is off). */
   readonly maxClusters: number
   #clusters = new Map<number, StagedCluster>()
+  /** A zeroed cluster-sized buffer for a new staged cluster. */
+  #blank: () => Uint8Array
 
-  constructor(clusterSize: number, boundBytes: number) {
+  /**
+   * `blank` gives the buffer of each new staged cluster (zeros; the compressed-write pipeline
+   * gives recycled shared memory, which the compression workers read in place).
+   */
+  constructor(clusterSize: number, boundBytes: number, blank: () => Uint8Array = () => new Uint8Array(clusterSize)) {
     this.clusterSize = clusterSize
     this.maxClusters = boundBytes <= 0 ? 0 : Math.max(1, Math.floor(boundBytes / clusterSize))
+    this.#blank = blank
   }
 
   get count(): number {
@@ -133,7 +141,7 @@ export class Staging {
 
   /** Stages a new cluster (the caller made room); `data` makes it complete from the start. */
   add(index: number, data?: Uint8Array): StagedCluster {
-    const staged = new StagedCluster(index, this.clusterSize, data)
+    const staged = data ? new StagedCluster(index, data, true) : new StagedCluster(index, this.#blank(), false)
     this.#clusters.set(index, staged)
     return staged
   }
