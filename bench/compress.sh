@@ -5,8 +5,10 @@
 #
 #   qcow2fs   qemu-img create -f qcow2 -o cluster_size=64k[,compression_type=zstd] IMG SIZE;
 #             node dist/cli/main.js mount -o compress IMG MNT; cp DATA MNT/STEM.raw;
-#             node dist/cli/main.js unmount MNT. Timed from the mount being live until unmount
-#             returned (unmount finishes the image: compresses what waits, writes, syncs).
+#             node dist/cli/main.js unmount MNT. Timed from the start of cp until unmount has
+#             returned and the server has exited (unmount finishes the image: compresses what
+#             waits, writes, syncs); the server's zombie waiting for init to reap it counts as
+#             exited (process_running in bench/lib.sh).
 #   qemu-img  qemu-img convert -f raw -c -O qcow2 -o cluster_size=64k[,compression_type=zstd]
 #             DATA IMG (qemu-img's defaults otherwise), timed as a whole.
 #   qsd       qemu-storage-daemon with the block nodes file -> qcow2 -> compress (QEMU's compress
@@ -202,7 +204,7 @@ run_qcow2fs() { # CODEC IMAGE
     UNMOUNT_FAILURES=$((UNMOUNT_FAILURES + 1))
     log "qcow2fs unmount $QCOW2FS_MNT failed with status $rc (see $logfile); waiting for the server"
   fi
-  while kill -0 "$server_pid" 2>/dev/null; do
+  while process_running "$server_pid"; do
     (($(now_ns) - t0 < STOP_TIMEOUT_S * 1000000000)) || die "the qcow2fs server $server_pid is still running after unmount"
     sleep 0.05
   done
@@ -403,7 +405,7 @@ out.push('')
 out.push('Commands (DATA: the data file; IMAGE, MNT, EXPORT: per-run paths in the work dir):')
 out.push('')
 out.push(`- qcow2fs: ${code(meta.cmd_create_zlib)} (zstd: ${code(meta.cmd_create_zstd)}), then ${code(meta.cmd_qcow2fs_mount)}; ` +
-  `timed: ${code(meta.cmd_qcow2fs_copy)}, ${code(meta.cmd_qcow2fs_unmount)} (until it returned)`)
+  `timed: ${code(meta.cmd_qcow2fs_copy)}, ${code(meta.cmd_qcow2fs_unmount)} (until it returned and the server exited)`)
 out.push(`- qemu-img: ${code(meta.cmd_qemu_img_zlib)} (zstd: ${code(meta.cmd_qemu_img_zstd)}); timed as a whole`)
 out.push(`- qsd: the same ${code('qemu-img create')}, then ${code(meta.cmd_qsd)}; ` +
   `timed: ${code(meta.cmd_qsd_write)}, SIGTERM, until the daemon exited`)

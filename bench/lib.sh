@@ -252,6 +252,17 @@ qcow2fs_option_string() { # READ_ONLY(true|false) LOGFILE
 # ---------------------------------------------------------------------------------------------
 # Measuring
 
+# True while process PID runs: it exists and is not a zombie. A qcow2fs server runs detached,
+# so once its launcher is gone the machine's init is its parent, and its zombie lasts until
+# init reaps it (seconds, on some machines); the server has exited by then, which is what the
+# timings want.
+process_running() { # PID
+  local stat
+  read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}
+
 # CPU time (user + system, all threads) a process has used so far, in clock ticks.
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # PID

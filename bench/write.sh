@@ -164,7 +164,7 @@ stop_qcow2fs() {
     UNMOUNT_FAILURES=$((UNMOUNT_FAILURES + 1))
     log "qcow2fs unmount $QCOW2FS_MNT reported a failure (see $logfile); waiting for the server"
   fi
-  while kill -0 "$SERVER_PID" 2>/dev/null; do
+  while process_running "$SERVER_PID"; do
     ((SECONDS < deadline)) || die "the qcow2fs server $SERVER_PID is still running ${STOP_TIMEOUT_S}s after unmount"
     sleep 0.1
   done
