@@ -205,7 +205,7 @@ export class CompressedWrites implements WriteRouter {
         this.#stats.zeroClusters++
         return false
       }
-      this.#submit(index, this.#copyOf(piece.chunk))
+      this.#submit(index, this.#copyOf(piece.chunk), false)
       return true
     }
     if (this.staging.maxClusters === 0) return false
@@ -317,10 +317,11 @@ export class CompressedWrites implements WriteRouter {
     this.#submit(index, staged.data)
   }
 
-  #submit(index: number, data: Uint8Array): void {
+  /** Queues the cluster; `zero` when the caller already knows whether it is all zeros. */
+  #submit(index: number, data: Uint8Array, zero = isAllZero(data)): void {
     let settle!: () => void
     const settled = new Promise<void>((done) => (settle = done))
-    const job: Job = { index, data, zero: isAllZero(data), done: false, cancelled: false, settled, settle }
+    const job: Job = { index, data, zero, done: false, cancelled: false, settled, settle }
     this.#queue.push(job)
     this.#pending.set(index, job)
     if (job.zero) {
