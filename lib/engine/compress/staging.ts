@@ -116,7 +116,7 @@ export class Staging {
    * `blank` gives the buffer of each new staged cluster (zeros; the compressed-write pipeline
    * gives recycled shared memory, which the compression workers read in place).
    */
-  constructor(clusterSize: number, boundBytes: number, blank: () => Uint8Array = () => new Uint8Array(clusterSize)) {
+  constructor(clusterSize: number, boundBytes: number, blank: () => Uint8Array) {
     this.clusterSize = clusterSize
     this.maxClusters = boundBytes <= 0 ? 0 : Math.max(1, Math.floor(boundBytes / clusterSize))
     this.#blank = blank
