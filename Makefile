@@ -1,6 +1,6 @@
 # qcow2fs: build, test, demo, bench, fixtures. GNU make.
 #   make build     npm ci when node_modules is missing or older than package-lock.json, the
-#                  image-locking addon (node-gyp), then tsc
+#                  native addons (node-gyp), then tsc
 #   make test      installs what a fresh machine lacks, builds, runs every test (vitest)
 #   make demo      mounts the demo image and shows what fdisk, file and debugfs read from it
 #   make bench     qcow2fs against qemu-storage-daemon's FUSE export: reads (bench/run.sh), writes
@@ -33,17 +33,19 @@ $(NODE_MODULES_STAMP): package-lock.json
 	$(NPM) ci || { echo "npm ci failed; installing the lock with npm install --no-save"; $(NPM) install --no-save; }
 	@touch $@
 
-# The native addons (binding.gyp: image locks, file holes and early writeback in lib/io/native/, QEMU's deflate
-# and zstd in lib/engine/compress/native/): node-gyp (the one npm ships) builds them
-# against the headers of the Node that runs it. Where that Node's prefix has include/node (a
-# distribution's Node does), they are used from there, so nothing is downloaded.
+# The native addons (binding.gyp: image locks, file holes, early writeback and read-ahead reads
+# in lib/io/native/, QEMU's deflate and zstd in lib/engine/compress/native/): node-gyp
+# (the one npm ships) builds them against the headers of the Node that runs it. Where that
+# Node's prefix has include/node (a distribution's Node does), they are used from there, so
+# nothing is downloaded.
 ADDON := build/Release/ofd_lock.node
 NODE_PREFIX := $(shell node -p 'require("path").resolve(process.execPath, "../..")')
 NODE_GYP_FLAGS := $(if $(wildcard $(NODE_PREFIX)/include/node/node_api.h),--nodedir=$(NODE_PREFIX))
 
 # node-gyp builds every target of binding.gyp, so one rule stands for all the addons.
-$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/io/native/file_writeback.c lib/engine/compress/native/qemu_deflate.c \
-		lib/engine/compress/native/qemu_zstd.c lib/engine/compress/native/napi_cluster.h
+$(ADDON): binding.gyp lib/io/native/ofd_lock.c lib/io/native/file_extents.c lib/io/native/file_writeback.c \
+		lib/io/native/read_ahead.c lib/engine/compress/native/qemu_deflate.c lib/engine/compress/native/qemu_zstd.c \
+		lib/engine/compress/native/napi_cluster.h
 	$(NPM) run build:native -- $(NODE_GYP_FLAGS)
 
 build: $(NODE_MODULES_STAMP) $(ADDON)

@@ -59,7 +59,7 @@ trap 'exit 143' TERM
 
 # Builds: the working tree in place, REV in the work dir (reused when already built).
 log "building the working tree"
-npx tsc -p tsconfig.json
+make build >/dev/null
 rev_dir=$WORK_DIR/rev-$rev
 if [[ ! -f $rev_dir/dist/cli/main.js ]]; then
   log "building $rev in $rev_dir"
@@ -67,7 +67,8 @@ if [[ ! -f $rev_dir/dist/cli/main.js ]]; then
   mkdir -p "$rev_dir"
   git archive "$rev" | tar -x -C "$rev_dir"
   ln -s "$ROOT/node_modules" "$rev_dir/node_modules"
-  (cd "$rev_dir" && npx tsc -p tsconfig.json)
+  # The native addons too (image locks, and whatever the revision has).
+  make -C "$rev_dir" build >/dev/null
 fi
 
 server_pid() { # BUILD_ROOT MOUNTPOINT: asks the server over its control socket
@@ -117,7 +118,8 @@ for build in "${BUILDS[@]}"; do
     mnt=$mnt_root/$build-$stem
     mkdir -p "$mnt"
     MOUNTS+=("$mnt")
-    node "$build_root/dist/cli/main.js" mount "$image" "$mnt" >/dev/null
+    # Read-only, as in make bench (qemu-storage-daemon serves the same images).
+    node "$build_root/dist/cli/main.js" mount -o ro "$image" "$mnt" >/dev/null
     PID[$build-$stem]=$(server_pid "$build_root" "$mnt")
     FILE[$build-$stem]=$mnt/$stem.raw
   done

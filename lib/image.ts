@@ -95,6 +95,12 @@ export interface OpenOptions {
    * clusters are stored compressed. Read-write opens only.
    */
   compress?: CompressOptions
+  /**
+   * Read ahead of sequential reads (lib/io/read-ahead.ts) in every file of the image that is
+   * only read: the image file of a read-only open, its data file and its backing chain. The
+   * mount asks for it; one-shot commands (info, check, map) do not need it.
+   */
+  readAhead?: boolean
 }
 
 /** Everything openOnFile validated and opened, handed to the constructor. */
@@ -251,7 +257,7 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
   static openSync(imagePath: string, options: OpenOptions = {}, chain?: ChainContext): Qcow2Image {
     const readOnly = options.readOnly !== false
     const context = enterChain(chain, imagePath, MAX_BACKING_CHAIN_DEPTH)
-    const file = NodeBlockFile.open(imagePath, { readOnly, lock: lockMode(options, readOnly) })
+    const file = NodeBlockFile.open(imagePath, { readOnly, lock: lockMode(options, readOnly), readAhead: options.readAhead === true })
     return Qcow2Image.openFile(file, imagePath, options, context)
   }
 
@@ -291,8 +297,12 @@ export class Qcow2Image implements VirtualDisk, ReadSource {
     this.#writer?.compressed?.overlay(buf, guestOffset)
   }
 
+  /** readSync, waiting for bytes being read ahead (OpenOptions.readAhead) rather than reading them again. */
   async read(buf: Uint8Array, guestOffset: number): Promise<void> {
-    this.readSync(buf, guestOffset)
+    if (this.#closed) throw new ClosedError()
+    await this.#readPath.read(buf, guestOffset)
+    if (this.#closed) throw new ClosedError()
+    this.#writer?.compressed?.overlay(buf, guestOffset)
   }
 
   /** Compressed-write counters (with the `compress` option). */
@@ -673,7 +683,7 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
     if (extensions.dataFile === undefined) throw corrupt(imagePath, 'image needs an external data file but names none')
     const dataPath = resolveBackingPath(imagePath, extensions.dataFile)
     try {
-      dataFile = NodeBlockFile.open(dataPath, { readOnly: true, lock: lockMode(options, true) })
+      dataFile = NodeBlockFile.open(dataPath, { readOnly: true, lock: lockMode(options, true), readAhead: options.readAhead === true })
     } catch (err) {
       if (err instanceof NotFoundError) throw new NotFoundError(`'${imagePath}': data file '${extensions.dataFile}' not found (looked for '${dataPath}')`)
       throw err
@@ -685,7 +695,7 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
   let backing: ReadSource | undefined
   let backingFormat: 'qcow2' | 'raw' | undefined
   if (backingFileName !== undefined) {
-    const backingFile = openBackingFile(imagePath, backingFileName, lockMode(options, true))
+    const backingFile = openBackingFile(imagePath, backingFileName, lockMode(options, true), options.readAhead === true)
     const backingPath = resolveBackingPath(imagePath, backingFileName)
     backingFormat = extensions.backingFormat !== undefined ? checkBackingFormat(extensions.backingFormat, backingFileName) : probeFormat(backingFile)
     if (backingFormat === 'raw') {
@@ -693,8 +703,15 @@ function openOnFile(imagePath: string, file: BlockFile, options: OpenOptions, co
       opened.push(backing)
     } else {
       backingFile.close()
-      const image = Qcow2Image.openSync(backingPath, { readOnly: true, lock: options.lock }, context)
-      backing = { virtualSize: image.virtualSize, readSync: (b, o) => image.readSync(b, o), close: () => image.closeSync() }
+      const backingOptions: OpenOptions = { readOnly: true, readAhead: options.readAhead === true }
+      if (options.lock !== undefined) backingOptions.lock = options.lock
+      const image = Qcow2Image.openSync(backingPath, backingOptions, context)
+      backing = {
+        virtualSize: image.virtualSize,
+        readSync: (b, o) => image.readSync(b, o),
+        read: (b, o) => image.read(b, o),
+        close: () => image.closeSync(),
+      }
       opened.push(backing)
     }
     log.backing('%s: backing file %s (%s)', imagePath, backingPath, backingFormat)

@@ -160,7 +160,7 @@ function parseMountArgs(values: { options?: string[] }, positionals: string[]): 
  */
 async function openImage(imagePath: string, opts: MountOptions, notes: string[]): Promise<Qcow2Image> {
   const compress = opts.compress ? { stagingBytes: opts.compressStagingBytes, deflate: opts.compressZlib } : undefined
-  const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes, lock: opts.lock, compress }
+  const open = { snapshot: opts.snapshot, l2CacheBytes: opts.l2CacheBytes, lock: opts.lock, compress, readAhead: true }
   // A read-write open of a dirty image repairs it first and leaves a note in `notes`.
   if (opts.access !== 'auto') return Qcow2Image.open(imagePath, { ...open, readOnly: opts.access === 'ro', notes })
   let writeRefusal: unknown

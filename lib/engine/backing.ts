@@ -16,11 +16,13 @@ import { CorruptImageError, NotFoundError, UnsupportedFeatureError } from '../er
 import { QCOW_MAGIC } from '../format/constants.js'
 import { type BlockFile, type LockMode, NodeBlockFile, realPathOf } from '../io/block-file.js'
 
-/** Something guest bytes can be read from synchronously: a raw file or an opened qcow2 image. */
+/** Something guest bytes can be read from: a raw file or an opened qcow2 image. */
 export interface ReadSource {
   readonly virtualSize: number
   /** Fills buf with bytes from guestOffset; bytes past virtualSize read as zeros. */
   readSync(buf: Uint8Array, guestOffset: number): void
+  /** readSync, but waiting for bytes being read ahead rather than reading them again. */
+  read?(buf: Uint8Array, guestOffset: number): Promise<void>
   close(): void
 }
 
@@ -38,6 +40,12 @@ export class RawSource implements ReadSource {
     let n = 0
     if (available > 0) n = this.#file.pread(buf.subarray(0, available), guestOffset)
     if (n < buf.length) buf.fill(0, n)
+  }
+  async read(buf: Uint8Array, guestOffset: number): Promise<void> {
+    const available = Math.max(0, Math.min(buf.length, this.#file.size - guestOffset))
+    const arriving = available > 0 ? this.#file.whenReadable?.(guestOffset, available) : undefined
+    if (arriving !== undefined) await arriving
+    this.readSync(buf, guestOffset)
   }
   close(): void {
     this.#file.close()
@@ -58,12 +66,13 @@ export function resolveBackingPath(imagePath: string, backingName: string): stri
 
 /**
  * Opens a backing file for reading, checking it exists first (for a clear message), with the
- * read lock every user of a backing file shares ('none': no lock).
+ * read lock every user of a backing file shares ('none': no lock), reading ahead when asked
+ * (lib/io/read-ahead.ts).
  */
-export function openBackingFile(imagePath: string, backingName: string, lock: LockMode = 'read'): BlockFile {
+export function openBackingFile(imagePath: string, backingName: string, lock: LockMode = 'read', readAhead = false): BlockFile {
   const backingPath = resolveBackingPath(imagePath, backingName)
   try {
-    return NodeBlockFile.open(backingPath, { readOnly: true, lock })
+    return NodeBlockFile.open(backingPath, { readOnly: true, lock, readAhead })
   } catch (err) {
     if (err instanceof NotFoundError) {
       throw new NotFoundError(`backing file '${backingName}' of '${imagePath}' not found (looked for '${backingPath}')`)

@@ -9,14 +9,17 @@
  *  - COMPRESSED runs inflate the whole cluster once and keep it in a small LRU keyed by the
  *    host offset of the compressed data, so sequential small reads (4 KiB at a time) of one
  *    compressed cluster inflate it once.
- *  - BACKING runs read from the backing file, or zeros without one. Reads stay synchronous
- *    down the chain.
+ *  - BACKING runs read from the backing file, or zeros without one.
  *  - Inflating is synchronous: measured here, zlib's asynchronous (thread pool) inflate of a
  *    64 KiB cluster costs about three times the synchronous one, more than two cores win back.
- *  - No read-ahead of our own: Node has no readahead(2)/posix_fadvise, and background reads
- *    through the thread pool measured slower overall (FUSE requests reach us partly out of
- *    order, and every prefetched byte is copied twice); the kernel's read-ahead of the image
- *    file serves sequential reads.
+ *  - readSync reads synchronously all the way down. read() is the same but, where a file reads
+ *    ahead (lib/io/read-ahead.ts: files of read-only images), it first waits for bytes of a
+ *    run still on their way (BlockFile.whenReadable), then reads the run synchronously, which
+ *    copies them from the read-ahead; a run is waited for once and mapped again afterwards.
+ *    Reads of the same image may interleave at those waits: only images that nothing writes
+ *    have files that read ahead, so a mapping cannot change meanwhile (a backing file of a
+ *    writable image does; a write racing with a read of the same bytes may then leave the
+ *    read with the older bytes, which a concurrent read may always get).
  *  - Reads past virtualSize are the caller's job to avoid (the FUSE adapter clamps); here they
  *    read as unallocated.
  */
@@ -26,7 +29,7 @@ import type { Geometry } from '../format/geometry.js'
 import { alignDown, hex } from '../format/int64.js'
 import type { BlockFile } from '../io/block-file.js'
 import type { ReadSource } from './backing.js'
-import { type ClusterMapper, RunKind } from './cluster-map.js'
+import { type ClusterMapper, type MappedRun, RunKind } from './cluster-map.js'
 import { decompressCluster } from './codec.js'
 
 /** Decompressed clusters kept for sequential small reads: at most 8 MiB, at least 2. */
@@ -84,22 +87,55 @@ export class ReadPath {
     let done = 0
     while (done < buf.length) {
       const run = this.#mapper.map(guestOffset + done, buf.length - done)
-      const out = buf.subarray(done, done + run.bytes)
-      if (run.kind === RunKind.COMPRESSED) {
-        const cluster = this.#decompress(run.descriptor!.hostOffset, run.descriptor!.compressedSize)
-        out.set(cluster.subarray(run.offsetInCluster, run.offsetInCluster + run.bytes))
-      } else {
-        this.#readRun(run.kind, out, guestOffset + done, run.hostOffset)
-      }
+      this.#readRun(run, buf.subarray(done, done + run.bytes), guestOffset + done)
       done += run.bytes
     }
   }
 
-  /** A DATA, ZERO or BACKING run. */
-  #readRun(kind: RunKind, out: Uint8Array, guestOffset: number, hostOffset: number): void {
-    switch (kind) {
+  /** readSync, waiting for bytes that are being read ahead instead of reading them again. */
+  async read(buf: Uint8Array, guestOffset: number): Promise<void> {
+    let done = 0
+    let waited = false
+    while (done < buf.length) {
+      const run = this.#mapper.map(guestOffset + done, buf.length - done)
+      const pending = waited ? undefined : this.#arriving(run)
+      if (pending !== undefined) {
+        await pending
+        waited = true
+        continue
+      }
+      waited = false
+      const out = buf.subarray(done, done + run.bytes)
+      if (run.kind === RunKind.BACKING && this.#backing?.read !== undefined) await this.#readBackingSoon(out, guestOffset + done)
+      else this.#readRun(run, out, guestOffset + done)
+      done += run.bytes
+    }
+  }
+
+  /** What to wait for before the run's bytes can be read without reading them twice. */
+  #arriving(run: MappedRun): Promise<void> | undefined {
+    switch (run.kind) {
       case RunKind.DATA:
-        this.#readData(out, hostOffset)
+        return this.#dataFile.whenReadable?.(run.hostOffset, run.bytes)
+      case RunKind.COMPRESSED: {
+        const { hostOffset, compressedSize } = run.descriptor!
+        if (this.#decompressed.has(hostOffset)) return undefined
+        return this.#imageFile.whenReadable?.(hostOffset, compressedSize)
+      }
+      default:
+        return undefined
+    }
+  }
+
+  #readRun(run: MappedRun, out: Uint8Array, guestOffset: number): void {
+    switch (run.kind) {
+      case RunKind.COMPRESSED: {
+        const cluster = this.#decompress(run.descriptor!.hostOffset, run.descriptor!.compressedSize)
+        out.set(cluster.subarray(run.offsetInCluster, run.offsetInCluster + run.bytes))
+        break
+      }
+      case RunKind.DATA:
+        this.#readData(out, run.hostOffset)
         break
       case RunKind.ZERO:
         out.fill(0)
@@ -143,6 +179,17 @@ export class ReadPath {
     }
     const inside = Math.min(out.length, backing.virtualSize - guestOffset)
     backing.readSync(out.subarray(0, inside), guestOffset)
+    if (inside < out.length) out.fill(0, inside)
+  }
+
+  async #readBackingSoon(out: Uint8Array, guestOffset: number): Promise<void> {
+    const backing = this.#backing!
+    if (guestOffset >= backing.virtualSize) {
+      out.fill(0)
+      return
+    }
+    const inside = Math.min(out.length, backing.virtualSize - guestOffset)
+    await backing.read!(out.subarray(0, inside), guestOffset)
     if (inside < out.length) out.fill(0, inside)
   }
 

@@ -7,8 +7,10 @@
  */
 import * as fs from 'node:fs'
 import { NotFoundError } from '../errors.js'
+import { log } from '../log.js'
 import { type FileExtent, fileExtentAt } from './file-extents.js'
 import { type LockMode, lockImageFile } from './image-lock.js'
+import { ReadAhead, type ReadAheadFileIo, type ReadAheadStats, openReadAheadIo, readAheadCalls } from './read-ahead.js'
 import { EarlyWriteback, writebackCalls } from './writeback.js'
 
 export type { LockMode } from './image-lock.js'
@@ -41,6 +43,13 @@ export interface BlockFile {
    * undefined (or absent) when that cannot be asked. For `map`.
    */
   extentAt?(hostOffset: number): FileExtent | undefined
+  /**
+   * A promise that settles once bytes of [hostOffset, hostOffset + length) that are being read
+   * ahead (lib/io/read-ahead.ts) have arrived; undefined (or absent) when there is nothing to
+   * wait for. A reader that can wait does so before pread, which then copies those bytes
+   * instead of reading them from the disk again.
+   */
+  whenReadable?(hostOffset: number, length: number): Promise<void> | undefined
   close(): void
 }
 
@@ -52,6 +61,11 @@ export interface OpenFileOptions {
    * for an image written, 'read' for one only read. Default: 'write' unless readOnly.
    */
   lock?: LockMode
+  /**
+   * Read ahead when reads run sequentially (lib/io/read-ahead.ts). Only a read-only open
+   * does: nothing may write the file while chunks of it are held.
+   */
+  readAhead?: boolean
 }
 
 export class NodeBlockFile implements BlockFile {
@@ -62,6 +76,11 @@ export class NodeBlockFile implements BlockFile {
   #syncFailure: unknown
   /** Starts writeback of long sequential writes early (writeback.ts); writable files only. */
   #writeback: EarlyWriteback | undefined
+  /** Reads ahead of sequential reads (read-ahead.ts); read-only files only. */
+  #readAhead: ReadAhead | undefined
+  /** How the read-ahead reads (its own descriptors, closed once its last read has ended). */
+  #readAheadIo: ReadAheadFileIo | undefined
+  readonly #preadDirect = (buf: Uint8Array, hostOffset: number): number => this.#preadFd(buf, hostOffset)
 
   private constructor(path: string, fd: number, size: number, writable: boolean) {
     this.path = path
@@ -89,7 +108,9 @@ export class NodeBlockFile implements BlockFile {
       const stat = fs.fstatSync(fd)
       if (stat.isDirectory()) throw new NotFoundError(`'${path}' is a directory, not an image file`)
       lockImageFile(fd, path, options.lock ?? (options.readOnly ? 'read' : 'write'))
-      return new NodeBlockFile(path, fd, stat.size, !options.readOnly)
+      const file = new NodeBlockFile(path, fd, stat.size, !options.readOnly)
+      if (options.readOnly && options.readAhead) file.#startReadAhead()
+      return file
     } catch (err) {
       // Closing the descriptor also drops any lock byte taken before the failure.
       fs.closeSync(fd)
@@ -102,6 +123,34 @@ export class NodeBlockFile implements BlockFile {
   }
 
   pread(buf: Uint8Array, hostOffset: number): number {
+    if (this.#readAhead) return this.#readAhead.read(buf, hostOffset, this.#preadDirect)
+    return this.#preadFd(buf, hostOffset)
+  }
+
+  whenReadable(hostOffset: number, length: number): Promise<void> | undefined {
+    return this.#readAhead?.whenReadable(hostOffset, length)
+  }
+
+  /** Whether this file reads ahead (for tests and logs). */
+  get readsAhead(): boolean {
+    return this.#readAhead !== undefined
+  }
+
+  /** What the read-ahead did so far; undefined without one. */
+  readAheadStats(): ReadAheadStats | undefined {
+    return this.#readAhead?.stats()
+  }
+
+  /** Gives the file a read-ahead, where the addon is built and the file takes O_DIRECT. */
+  #startReadAhead(): void {
+    const calls = readAheadCalls()
+    const io = calls ? openReadAheadIo(this.#fd, this.path, calls) : undefined
+    if (io === undefined) return
+    this.#readAhead = new ReadAhead(io, this.#size)
+    this.#readAheadIo = io
+  }
+
+  #preadFd(buf: Uint8Array, hostOffset: number): number {
     let done = 0
     while (done < buf.length) {
       const n = fs.readSync(this.#fd, buf, done, buf.length - done, hostOffset + done)
@@ -156,6 +205,20 @@ export class NodeBlockFile implements BlockFile {
   close(): void {
     if (this.#fd >= 0) {
       this.#writeback?.close()
+      if (this.#readAhead !== undefined) {
+        const io = this.#readAheadIo!
+        const stats = this.#readAhead.stats()
+        log.io(
+          '%s: read ahead %d chunks, served %d bytes from them, dropped %d unserved, left %d to the page cache',
+          this.path,
+          stats.chunksRead,
+          stats.bytesServed,
+          stats.chunksDropped,
+          stats.chunksCached,
+        )
+        this.#readAhead.close(() => io.close())
+        this.#readAhead = undefined
+      }
       fs.closeSync(this.#fd)
       this.#fd = -1
     }

@@ -1,13 +1,17 @@
 /*
  * Engine read path on images made by qemu-img and then damaged on purpose: a damaged region
  * fails with CorruptImageError (errno EIO) while the rest of the image reads correctly; plus
- * the decompressed-cluster cache, backing files, snapshots and a tiny L2 cache.
+ * the decompressed-cluster cache, backing files, snapshots and a tiny L2 cache; and reads
+ * that wait for the read-ahead (lib/io/read-ahead.ts).
  */
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { afterAll, beforeAll, describe, expect, test } from 'vitest'
 import { CorruptImageError } from '../../lib/errors.js'
 import { Qcow2Image } from '../../lib/image.js'
+import type { BlockFile } from '../../lib/io/block-file.js'
+import { readAheadCalls } from '../../lib/io/read-ahead.js'
+import { MemoryBlockFile } from '../helpers/memory-file.js'
 import {
   type QemuTools,
   makeTempDir,
@@ -252,5 +256,170 @@ describeQemu('read path features', () => {
     const img = await Qcow2Image.open(image)
     await img.close()
     await expect(img.read(Buffer.alloc(512), 0)).rejects.toMatchObject({ code: 'CLOSED' })
+  })
+})
+
+/**
+ * Rewrites a file with O_DIRECT so that the page cache holds none of it: the read-ahead leaves
+ * cached ranges to the page cache, and qemu-img's output is cached.
+ */
+function dropFromPageCache(file: string): void {
+  const bytes = fs.readFileSync(file)
+  const aligned = readAheadCalls()!.alloc(Math.max(4096, Math.ceil(bytes.length / 4096) * 4096))
+  aligned.fill(0)
+  aligned.set(bytes)
+  const fd = fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_TRUNC | fs.constants.O_DIRECT)
+  try {
+    fs.writeSync(fd, aligned, 0, aligned.length, 0)
+    fs.ftruncateSync(fd, bytes.length)
+  } finally {
+    fs.closeSync(fd)
+  }
+}
+
+/** Reads the whole image in 128 KiB requests, four at a time, in a disordered order (as FUSE sends them). */
+async function readDisordered(img: Qcow2Image): Promise<Buffer> {
+  const request = 128 * 1024
+  const out = Buffer.alloc(img.virtualSize)
+  const offsets: number[] = []
+  for (let at = 0; at < out.length; at += request) offsets.push(at)
+  for (let i = 1; i + 2 < offsets.length; i += 4) [offsets[i], offsets[i + 2]] = [offsets[i + 2]!, offsets[i]!]
+  let next = 0
+  const reader = async (): Promise<void> => {
+    while (next < offsets.length) {
+      const at = offsets[next++]!
+      await img.read(out.subarray(at, Math.min(at + request, out.length)), at)
+    }
+  }
+  await Promise.all([reader(), reader(), reader(), reader()])
+  return out
+}
+
+/**
+ * A read-only image file in memory whose whenReadable answers, for the first `holds` calls, a
+ * promise the test settles: it stands for bytes still being read ahead.
+ */
+function waitingFile(image: string, holds: number) {
+  const inner = MemoryBlockFile.fromFile(image, { readOnly: true })
+  const state = { asked: [] as [number, number][], release: [] as (() => void)[] }
+  const file: BlockFile = {
+    path: inner.path,
+    get size() {
+      return inner.size
+    },
+    writable: false,
+    pread: (buf, hostOffset) => inner.pread(buf, hostOffset),
+    pwrite: () => {
+      throw new Error('read-only')
+    },
+    sync: () => {},
+    truncate: () => {
+      throw new Error('read-only')
+    },
+    allocatedBytes: () => inner.allocatedBytes(),
+    whenReadable(hostOffset, length) {
+      state.asked.push([hostOffset, length])
+      if (state.release.length >= holds) return undefined
+      return new Promise<void>((resolve) => state.release.push(resolve))
+    },
+    close: () => inner.close(),
+  }
+  return { file, state }
+}
+
+describeQemu('reads that wait for the read-ahead', () => {
+  test('read() waits for bytes on their way, then reads them; readSync never waits', async () => {
+    const src = path.join(dir, 'wait.raw')
+    fs.writeFileSync(src, patternBytes(4 * CLUSTER, 21))
+    const image = path.join(dir, 'wait.qcow2')
+    await qemuImg(['convert', '-O', 'qcow2', src, image])
+    const { file, state } = waitingFile(image, 1)
+    const img = Qcow2Image.openFile(file, image, { readOnly: true })
+    const buf = Buffer.alloc(2 * CLUSTER)
+    let done = false
+    const reading = img.read(buf, CLUSTER).then(() => (done = true))
+    await new Promise((r) => setImmediate(r))
+    expect(done).toBe(false)
+    expect(state.asked).toHaveLength(1)
+    expect(state.asked[0]![1]).toBe(2 * CLUSTER)
+    state.release[0]!()
+    await reading
+    // Mapped again after the wait and read at once: a run is waited for once.
+    expect(state.asked).toHaveLength(1)
+    expect(buf.equals(fs.readFileSync(src).subarray(CLUSTER, 3 * CLUSTER))).toBe(true)
+    const again = Buffer.alloc(CLUSTER)
+    img.readSync(again, 0)
+    expect(again.equals(fs.readFileSync(src).subarray(0, CLUSTER))).toBe(true)
+    expect(state.asked).toHaveLength(1)
+    await img.close()
+  })
+
+  test('a run whose bytes are still on their way after the wait is read anyway', async () => {
+    const src = path.join(dir, 'wait-once.raw')
+    fs.writeFileSync(src, patternBytes(2 * CLUSTER, 22))
+    const image = path.join(dir, 'wait-once.qcow2')
+    await qemuImg(['convert', '-O', 'qcow2', src, image])
+    const { file, state } = waitingFile(image, 100)
+    const img = Qcow2Image.openFile(file, image, { readOnly: true })
+    const buf = Buffer.alloc(2 * CLUSTER)
+    const reading = img.read(buf, 0)
+    await new Promise((r) => setImmediate(r))
+    state.release[0]!()
+    await reading
+    expect(state.asked).toHaveLength(1)
+    expect(buf.equals(fs.readFileSync(src))).toBe(true)
+    await img.close()
+  })
+
+  test('compressed clusters: the compressed bytes are waited for, unless the cluster is already inflated', async () => {
+    const src = path.join(dir, 'wait-compressed.raw')
+    fs.writeFileSync(src, patternBytes(2 * CLUSTER, 23))
+    const image = path.join(dir, 'wait-compressed.qcow2')
+    await qemuImg(['convert', '-c', '-O', 'qcow2', src, image])
+    const { file, state } = waitingFile(image, 1)
+    const img = Qcow2Image.openFile(file, image, { readOnly: true })
+    const buf = Buffer.alloc(4096)
+    const reading = img.read(buf, 0)
+    await new Promise((r) => setImmediate(r))
+    expect(state.asked).toHaveLength(1)
+    const [hostOffset, length] = state.asked[0]!
+    expect(hostOffset % 512 === 0 || length < CLUSTER).toBe(true)
+    state.release[0]!()
+    await reading
+    const asked = state.asked.length
+    await img.read(buf, 4096)
+    expect(state.asked.length).toBe(asked)
+    expect(buf.equals(fs.readFileSync(src).subarray(4096, 8192))).toBe(true)
+    await img.close()
+  })
+
+  test('images opened with readAhead read like qemu-img: allocated, compressed, and over qcow2 and raw backing files', async () => {
+    const sub = path.join(dir, 'read-ahead')
+    fs.mkdirSync(sub)
+    const data = patternBytes(12 * 1024 * 1024, 24)
+    const src = path.join(sub, 'src.raw')
+    fs.writeFileSync(src, data)
+    const allocated = path.join(sub, 'allocated.qcow2')
+    const compressed = path.join(sub, 'compressed.qcow2')
+    const base = path.join(sub, 'base.qcow2')
+    const overQcow2 = path.join(sub, 'over-qcow2.qcow2')
+    const rawBase = path.join(sub, 'base.raw')
+    const overRaw = path.join(sub, 'over-raw.qcow2')
+    await qemuImg(['convert', '-O', 'qcow2', src, allocated])
+    await qemuImg(['convert', '-c', '-O', 'qcow2', src, compressed])
+    await qemuImg(['convert', '-O', 'qcow2', src, base])
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', overQcow2, '16M'])
+    await qemuIo(overQcow2, ['write -P 0x33 1M 3M', 'write -P 0x44 9M 64k'])
+    fs.writeFileSync(rawBase, data.subarray(0, 10 * 1024 * 1024))
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', overRaw, '12M'])
+    await qemuIo(overRaw, ['write -P 0x55 5M 2M'])
+    for (const image of [allocated, compressed, overQcow2, overRaw]) {
+      const want = await rawOf(image)
+      for (const file of fs.readdirSync(sub)) dropFromPageCache(path.join(sub, file))
+      const img = await Qcow2Image.open(image, { readAhead: true })
+      const got = await readDisordered(img)
+      expect(got.equals(want), image).toBe(true)
+      await img.close()
+    }
   })
 })
