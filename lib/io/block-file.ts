@@ -209,10 +209,11 @@ export class NodeBlockFile implements BlockFile {
         const io = this.#readAheadIo!
         const stats = this.#readAhead.stats()
         log.io(
-          '%s: read ahead %d chunks, served %d bytes from them, dropped %d unserved, left %d to the page cache',
+          '%s: read ahead %d chunks, served %d bytes from them (%d reads waited), dropped %d unserved, left %d to the page cache',
           this.path,
           stats.chunksRead,
           stats.bytesServed,
+          stats.waits,
           stats.chunksDropped,
           stats.chunksCached,
         )

@@ -85,6 +85,8 @@ export interface ReadAheadStats {
   chunksDropped: number
   /** Chunks not read ahead because the page cache held them. */
   chunksCached: number
+  /** Reads that had to wait for a chunk on its way (whenReadable answered a promise). */
+  waits: number
 }
 
 export class ReadAhead {
@@ -103,7 +105,7 @@ export class ReadAhead {
   #inFlight = 0
   #closed = false
   #onIdle: (() => void) | undefined
-  #stats: ReadAheadStats = { chunksRead: 0, bytesServed: 0, chunksDropped: 0, chunksCached: 0 }
+  #stats: ReadAheadStats = { chunksRead: 0, bytesServed: 0, chunksDropped: 0, chunksCached: 0, waits: 0 }
 
   /** fileSize: the file's length, which must not change while this reads it. */
   constructor(io: ReadAheadIo, fileSize: number, options: ReadAheadOptions = {}) {
@@ -162,6 +164,7 @@ export class ReadAhead {
       if (chunk !== undefined && !chunk.ready) (pending ??= []).push(chunk.settled)
     }
     if (pending === undefined) return undefined
+    this.#stats.waits++
     return pending.length === 1 ? pending[0] : Promise.all(pending).then(() => undefined)
   }
 

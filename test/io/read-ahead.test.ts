@@ -164,6 +164,7 @@ describe('ReadAhead: what it reads ahead', () => {
     // A range across chunks 1 and 2 waits for both.
     const arriving = ra.whenReadable(2 * CHUNK - KIB, 2 * KIB)
     expect(arriving).toBeInstanceOf(Promise)
+    expect(ra.stats().waits).toBe(1)
     let settled = false
     void arriving!.then(() => (settled = true))
     fake.pending[1]!.settle()
@@ -175,6 +176,7 @@ describe('ReadAhead: what it reads ahead', () => {
     expect(ra.whenReadable(2 * CHUNK - KIB, 2 * KIB)).toBeUndefined()
     // Past the chunks read ahead: nothing to wait for.
     expect(ra.whenReadable(10 * CHUNK, REQUEST)).toBeUndefined()
+    expect(ra.stats().waits).toBe(1)
   })
 
   test('a read of bytes still on their way reads them from the file (it cannot wait): right bytes, nothing lost', async () => {
