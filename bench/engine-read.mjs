@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 /*
  * The qcow2fs read engine alone, without FUSE and the kernel: reads an image through
- * Qcow2Image (from the built dist/) with the request sizes the FUSE mount sees.
+ * Qcow2Image (from the built dist/), opened as the mount opens it, with the request sizes the
+ * FUSE mount sees.
  * bench/run.sh runs it next to the FUSE targets, so a figure of the mount can be split into
  * "engine" and "FUSE round trip" (the no-I/O server measures the latter alone).
  *
@@ -32,7 +33,8 @@ if (!(seconds > 0)) fail(`bad SECONDS: ${secondsArg}`)
 
 const root = resolve(import.meta.dirname ?? new URL('.', import.meta.url).pathname, '..')
 const { Qcow2Image } = await import(pathToFileURL(resolve(root, 'dist/lib/image.js')).href)
-const image = await Qcow2Image.open(imagePath, { readOnly: true })
+// As the mount opens it: read-only, with the read-ahead of lib/io/read-ahead.ts.
+const image = await Qcow2Image.open(imagePath, { readOnly: true, readAhead: true })
 
 /** CPU seconds (user + system) since `since`, a process.cpuUsage() value. */
 function cpuSecondsSince(since) {
