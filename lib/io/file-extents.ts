@@ -4,7 +4,7 @@
  * lseek). Used by `qcow2fs map` to report holes as qemu-img map does.
  */
 import { constants } from 'node:os'
-import { loadIoAddon } from './native-addon.js'
+import { optionalIoAddon } from './native-addon.js'
 
 /**
  * The extent of a file at some offset: data or a hole, up to `end` (exclusive). `end` is
@@ -20,18 +20,8 @@ interface FileExtentsAddon {
   seek(fd: number, offset: number, wantHole: boolean): number
 }
 
-let addon: FileExtentsAddon | null | undefined
-
 /** The addon (lib/io/native-addon.ts says from where); null when it cannot be loaded. */
-function extentsAddon(): FileExtentsAddon | null {
-  if (addon !== undefined) return addon
-  try {
-    addon = loadIoAddon<FileExtentsAddon>('file_extents')
-  } catch {
-    addon = null
-  }
-  return addon
-}
+const extentsAddon = optionalIoAddon<FileExtentsAddon>('file_extents', 'holes are guessed from the bytes')
 
 /**
  * The extent at hostOffset of the file open as `fd`, as QEMU's find_allocation sees it; or

@@ -6,6 +6,7 @@ import * as fs from 'node:fs'
 import { createRequire } from 'node:module'
 import * as path from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { log } from '../log.js'
 
 /**
  * The file of addon `name`: build/Release/NAME.node under the package root, the nearest
@@ -21,4 +22,24 @@ export function ioAddonFile(name: string): string {
 /** Loads addon `name`; throws what require() throws when it is not built or cannot load. */
 export function loadIoAddon<Calls>(name: string): Calls {
   return createRequire(import.meta.url)(ioAddonFile(name)) as Calls
+}
+
+/**
+ * For an addon the engine can do without: a getter that loads addon `name` on first use and
+ * answers null from then on when it is not built or cannot load, logging once why and what is
+ * done without it (`without`).
+ */
+export function optionalIoAddon<Calls>(name: string, without: string): () => Calls | null {
+  let addon: Calls | null | undefined
+  return () => {
+    if (addon === undefined) {
+      try {
+        addon = loadIoAddon<Calls>(name)
+      } catch (err) {
+        log.io('%s: %s', without, (err as Error).message)
+        addon = null
+      }
+    }
+    return addon
+  }
 }

@@ -34,7 +34,7 @@
 import * as fs from 'node:fs'
 import { getSystemErrorName } from 'node:util'
 import { log } from '../log.js'
-import { loadIoAddon } from './native-addon.js'
+import { optionalIoAddon } from './native-addon.js'
 
 /** Bytes read ahead at a time (and the alignment of every read-ahead read). */
 export const READ_AHEAD_CHUNK_BYTES = 1024 * 1024
@@ -283,20 +283,8 @@ export interface ReadAheadCalls {
   read(fd: number, buf: Uint8Array, hostOffset: number, done: (errno: number, bytes: number) => void): void
 }
 
-let addon: ReadAheadCalls | null | undefined
-
 /** The addon, or null when it is not built (files then do not read ahead). */
-export function readAheadCalls(): ReadAheadCalls | null {
-  if (addon === undefined) {
-    try {
-      addon = loadIoAddon<ReadAheadCalls>('read_ahead')
-    } catch (err) {
-      log.io('no read-ahead: %s', (err as Error).message)
-      addon = null
-    }
-  }
-  return addon
-}
+export const readAheadCalls = optionalIoAddon<ReadAheadCalls>('read_ahead', 'no read-ahead')
 
 /** A ReadAheadIo on a descriptor of its own, which close() closes. */
 export interface ReadAheadFileIo extends ReadAheadIo {

@@ -22,7 +22,7 @@
  * (sync_file_range does not consume it), which reports it as before; here it is only logged.
  */
 import { log } from '../log.js'
-import { loadIoAddon } from './native-addon.js'
+import { optionalIoAddon } from './native-addon.js'
 
 /** The addon's calls (lib/io/native/file_writeback.c). */
 export interface WritebackCalls {
@@ -41,20 +41,8 @@ const MIN_DENSITY = 0.5
 /** Starts running at once, at most. */
 const MAX_IN_FLIGHT = 2
 
-let addon: WritebackCalls | null | undefined
-
 /** The addon, or null when it is not built (writes then leave writeback to the kernel). */
-export function writebackCalls(): WritebackCalls | null {
-  if (addon === undefined) {
-    try {
-      addon = loadIoAddon<WritebackCalls>('file_writeback')
-    } catch (err) {
-      log.io('early writeback off: %s', (err as Error).message)
-      addon = null
-    }
-  }
-  return addon
-}
+export const writebackCalls = optionalIoAddon<WritebackCalls>('file_writeback', 'no early writeback')
 
 /** Watches the writes to one descriptor and starts writeback of dense spans. */
 export class EarlyWriteback {

@@ -327,14 +327,19 @@ function waitingFile(image: string, holds: number) {
   return { file, state }
 }
 
+/** An image of `clusters` clusters of pattern bytes (qemu-img convert, with `convertArgs`), opened on a waitingFile. */
+async function imageOnWaitingFile(name: string, clusters: number, holds: number, convertArgs: string[] = []) {
+  const src = path.join(dir, `${name}.raw`)
+  fs.writeFileSync(src, patternBytes(clusters * CLUSTER, clusters + holds))
+  const image = path.join(dir, `${name}.qcow2`)
+  await qemuImg(['convert', ...convertArgs, '-O', 'qcow2', src, image])
+  const { file, state } = waitingFile(image, holds)
+  return { img: Qcow2Image.openFile(file, image, { readOnly: true }), state, data: fs.readFileSync(src) }
+}
+
 describeQemu('reads that wait for the read-ahead', () => {
   test('read() waits for bytes on their way, then reads them; readSync never waits', async () => {
-    const src = path.join(dir, 'wait.raw')
-    fs.writeFileSync(src, patternBytes(4 * CLUSTER, 21))
-    const image = path.join(dir, 'wait.qcow2')
-    await qemuImg(['convert', '-O', 'qcow2', src, image])
-    const { file, state } = waitingFile(image, 1)
-    const img = Qcow2Image.openFile(file, image, { readOnly: true })
+    const { img, state, data } = await imageOnWaitingFile('wait', 4, 1)
     const buf = Buffer.alloc(2 * CLUSTER)
     let done = false
     const reading = img.read(buf, CLUSTER).then(() => (done = true))
@@ -346,38 +351,28 @@ describeQemu('reads that wait for the read-ahead', () => {
     await reading
     // Mapped again after the wait and read at once: a run is waited for once.
     expect(state.asked).toHaveLength(1)
-    expect(buf.equals(fs.readFileSync(src).subarray(CLUSTER, 3 * CLUSTER))).toBe(true)
+    expect(buf.equals(data.subarray(CLUSTER, 3 * CLUSTER))).toBe(true)
     const again = Buffer.alloc(CLUSTER)
     img.readSync(again, 0)
-    expect(again.equals(fs.readFileSync(src).subarray(0, CLUSTER))).toBe(true)
+    expect(again.equals(data.subarray(0, CLUSTER))).toBe(true)
     expect(state.asked).toHaveLength(1)
     await img.close()
   })
 
   test('a run whose bytes are still on their way after the wait is read anyway', async () => {
-    const src = path.join(dir, 'wait-once.raw')
-    fs.writeFileSync(src, patternBytes(2 * CLUSTER, 22))
-    const image = path.join(dir, 'wait-once.qcow2')
-    await qemuImg(['convert', '-O', 'qcow2', src, image])
-    const { file, state } = waitingFile(image, 100)
-    const img = Qcow2Image.openFile(file, image, { readOnly: true })
+    const { img, state, data } = await imageOnWaitingFile('wait-once', 2, 100)
     const buf = Buffer.alloc(2 * CLUSTER)
     const reading = img.read(buf, 0)
     await new Promise((r) => setImmediate(r))
     state.release[0]!()
     await reading
     expect(state.asked).toHaveLength(1)
-    expect(buf.equals(fs.readFileSync(src))).toBe(true)
+    expect(buf.equals(data)).toBe(true)
     await img.close()
   })
 
   test('compressed clusters: the compressed bytes are waited for, unless the cluster is already inflated', async () => {
-    const src = path.join(dir, 'wait-compressed.raw')
-    fs.writeFileSync(src, patternBytes(2 * CLUSTER, 23))
-    const image = path.join(dir, 'wait-compressed.qcow2')
-    await qemuImg(['convert', '-c', '-O', 'qcow2', src, image])
-    const { file, state } = waitingFile(image, 1)
-    const img = Qcow2Image.openFile(file, image, { readOnly: true })
+    const { img, state, data } = await imageOnWaitingFile('wait-compressed', 2, 1, ['-c'])
     const buf = Buffer.alloc(4096)
     const reading = img.read(buf, 0)
     await new Promise((r) => setImmediate(r))
@@ -389,7 +384,7 @@ describeQemu('reads that wait for the read-ahead', () => {
     const asked = state.asked.length
     await img.read(buf, 4096)
     expect(state.asked.length).toBe(asked)
-    expect(buf.equals(fs.readFileSync(src).subarray(4096, 8192))).toBe(true)
+    expect(buf.equals(data.subarray(4096, 8192))).toBe(true)
     await img.close()
   })
 
