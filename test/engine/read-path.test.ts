@@ -10,8 +10,8 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest'
 import { CorruptImageError } from '../../lib/errors.js'
 import { Qcow2Image } from '../../lib/image.js'
 import type { BlockFile } from '../../lib/io/block-file.js'
-import { readAheadCalls } from '../../lib/io/read-ahead.js'
 import { MemoryBlockFile } from '../helpers/memory-file.js'
+import { dropFromPageCache } from '../helpers/page-cache.js'
 import {
   type QemuTools,
   makeTempDir,
@@ -258,24 +258,6 @@ describeQemu('read path features', () => {
     await expect(img.read(Buffer.alloc(512), 0)).rejects.toMatchObject({ code: 'CLOSED' })
   })
 })
-
-/**
- * Rewrites a file with O_DIRECT so that the page cache holds none of it: the read-ahead leaves
- * cached ranges to the page cache, and qemu-img's output is cached.
- */
-function dropFromPageCache(file: string): void {
-  const bytes = fs.readFileSync(file)
-  const aligned = readAheadCalls()!.alloc(Math.max(4096, Math.ceil(bytes.length / 4096) * 4096))
-  aligned.fill(0)
-  aligned.set(bytes)
-  const fd = fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_TRUNC | fs.constants.O_DIRECT)
-  try {
-    fs.writeSync(fd, aligned, 0, aligned.length, 0)
-    fs.ftruncateSync(fd, bytes.length)
-  } finally {
-    fs.closeSync(fd)
-  }
-}
 
 /** Reads the whole image in 128 KiB requests, four at a time, in a disordered order (as FUSE sends them). */
 async function readDisordered(img: Qcow2Image): Promise<Buffer> {

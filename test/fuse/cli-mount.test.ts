@@ -11,6 +11,7 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { controlSocketPath, sendControlRequest, serverLogPath } from '../../lib/fuse/control.js'
 import { CLI_PATH, ensureBuilt } from '../cli/helpers.js'
+import { dropFromPageCache } from '../helpers/page-cache.js'
 import { convertToRaw, makeTempDir, qemuImg, qemuIo, removeTempDir, requireQemu } from '../helpers/qemu.js'
 import { forceUnmount, isMounted, mountEntry, processRuns, processesMentioning, runProcess, waitFor } from './helpers.js'
 
@@ -254,6 +255,29 @@ describe.skipIf(!qemu)('qcow2fs mount and unmount', () => {
       } finally {
         expect((await cli(['unmount', mnt])).code).toBe(0)
       }
+    })
+
+    it('reads a cold image through the read-ahead: dd gets qemu-img\'s bytes, and the server read chunks ahead', async () => {
+      const image = join(dir, 'cold.qcow2')
+      await qemuImg(tools, ['create', '-q', '-f', 'qcow2', image, '24M'])
+      await qemuIo(tools, image, ['write -q -P 0x21 0 10M', 'write -q -P 0x43 12M 12M'])
+      await convertToRaw(tools, image, join(dir, 'cold.ref'))
+      dropFromPageCache(image)
+      const mnt = await newMountpoint()
+      const r = await cli(['mount', '-o', 'ro', image, mnt], { DEBUG: 'qcow2fs:io' })
+      expect(r.code, r.stderr).toBe(0)
+      try {
+        const dd = await runProcess('dd', [`if=${join(mnt, 'cold.raw')}`, `of=${join(dir, 'cold.out')}`, 'bs=1M', 'status=none'])
+        expect(dd.code, dd.stderr).toBe(0)
+      } finally {
+        expect((await cli(['unmount', mnt])).code).toBe(0)
+      }
+      expect((await readFile(join(dir, 'cold.out'))).equals(await readFile(join(dir, 'cold.ref')))).toBe(true)
+      // The server logs what its read-ahead did when it closes the image.
+      const counts = /read ahead (\d+) chunks, served (\d+) bytes/.exec(await readFile(serverLogPath(mnt), 'utf8'))
+      expect(counts, 'no read-ahead line in the server log').not.toBeNull()
+      expect(Number(counts![1])).toBeGreaterThanOrEqual(10)
+      expect(Number(counts![2])).toBeGreaterThan(12 * MiB)
     })
 
     it('writes into the image with -o rw; qemu-img check and convert agree', async () => {
